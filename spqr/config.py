@@ -1,0 +1,141 @@
+"""Validated configuration dataclasses.
+
+`QuantConfig` says *how* each weight matrix is compressed (the SpQR recipe, or the GPTQ / RTN
+baselines that the same engine becomes with other settings). `CalibrationConfig` says *which*
+tokens the Hessians are estimated from. Both reject bad values at construction time with a
+message that names the option, so nothing deep inside the engine ever sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+PermutationOrder = Literal["identity", "act_order"]
+PERMUTATION_ORDERS = ("identity", "act_order")
+
+
+class ConfigError(ValueError):
+    """An option is out of range or inconsistent with another option."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix W [out_features, in_features] is quantized.
+
+    wbits:             bits of each stored weight code (2..8).
+    beta1:             input columns per group sharing one scale and zero (the paper's β1).
+    beta2:             output rows per second-level group of statistics (the paper's β2).
+    qq_bits:           bits of the quantized scales and zeros (bilevel quantization);
+                       None keeps statistics in fp16 (plain GPTQ / RTN grids).
+    outlier_threshold: τ, relative to the layer's typical sensitivity; `inf` disables outliers.
+    perm:              input-column order of the sweep: "identity" or "act_order" (diag H, desc).
+    percdamp:          dampening added to diag H, as a fraction of mean(diag H).
+    blocksize:         columns per lazy GPTQ update block (rounded down to a multiple of beta1).
+    error_feedback:    GPTQ error feedback through H⁻¹; False gives round-to-nearest (RTN).
+    """
+
+    wbits: int = 3
+    beta1: int = 16
+    beta2: int = 16
+    qq_bits: int | None = 3
+    outlier_threshold: float = 0.2
+    perm: PermutationOrder = "act_order"
+    percdamp: float = 1.0
+    blocksize: int = 128
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.wbits, int) and 2 <= self.wbits <= 8,
+               f"wbits must be an integer in 2..8, got {self.wbits!r}")
+        _check(isinstance(self.beta1, int) and 1 <= self.beta1 <= 4096,
+               f"beta1 (input columns per group) must be an integer in 1..4096, got {self.beta1!r}")
+        _check(isinstance(self.beta2, int) and 1 <= self.beta2 <= 4096,
+               f"beta2 (output rows per statistics group) must be an integer in 1..4096, got {self.beta2!r}")
+        _check(self.qq_bits is None or (isinstance(self.qq_bits, int) and 2 <= self.qq_bits <= 8),
+               f"qq_bits must be an integer in 2..8 or None (fp16 statistics), got {self.qq_bits!r}")
+        _check(not math.isnan(self.outlier_threshold) and self.outlier_threshold > 0,
+               f"outlier_threshold must be > 0 (use inf to disable outliers), got {self.outlier_threshold!r}")
+        _check(self.perm in PERMUTATION_ORDERS,
+               f"perm must be one of {PERMUTATION_ORDERS}, got {self.perm!r}")
+        _check(math.isfinite(self.percdamp) and self.percdamp >= 0,
+               f"percdamp must be a finite number >= 0, got {self.percdamp!r}")
+        _check(isinstance(self.blocksize, int) and self.blocksize >= 1,
+               f"blocksize must be a positive integer, got {self.blocksize!r}")
+
+    @property
+    def sweep_block(self) -> int:
+        """Lazy-update block width actually used: whole groups only."""
+        return max(self.beta1, self.blocksize // self.beta1 * self.beta1)
+
+    @property
+    def has_outliers(self) -> bool:
+        return math.isfinite(self.outlier_threshold)
+
+    @property
+    def needs_hessian(self) -> bool:
+        """RTN with identity order and no outliers needs no calibration data at all."""
+        return self.error_feedback or self.has_outliers or self.perm == "act_order"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outlier_threshold"] = None if not self.has_outliers else self.outlier_threshold
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        _check(not unknown, f"unknown quantization options: {sorted(unknown)}")
+        d = dict(d)
+        if d.get("outlier_threshold", 0.0) is None:
+            d["outlier_threshold"] = math.inf
+        return cls(**d)
+
+
+def preset(method: str, **overrides: Any) -> QuantConfig:
+    """Named recipes: "spqr" (paper defaults), "gptq" (fp16 stats, groups of 128, no outliers),
+    "rtn" (round-to-nearest, fp16 stats, groups of 16, no error feedback)."""
+    presets: dict[str, dict[str, Any]] = {
+        "spqr": {},
+        "gptq": dict(wbits=4, beta1=128, qq_bits=None, outlier_threshold=math.inf, percdamp=0.01),
+        "rtn": dict(wbits=4, beta1=16, qq_bits=None, outlier_threshold=math.inf, perm="identity",
+                    error_feedback=False),
+    }
+    _check(method in presets, f"unknown method {method!r}; choose one of {sorted(presets)}")
+    return QuantConfig(**{**presets[method], **overrides})
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which tokens the Hessians H = 2XXᵀ/n come from.
+
+    dataset: a shipped dataset name ("wikitext2", "ptb", "c4") or a path to a .txt / .jsonl file.
+    split:   split of a shipped dataset ("valid" or "test").
+    nsamples windows of seqlen tokens are drawn at seeded random offsets.
+    """
+
+    dataset: str = "wikitext2"
+    split: str = "valid"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.nsamples, int) and self.nsamples >= 1,
+               f"nsamples must be a positive integer, got {self.nsamples!r}")
+        _check(isinstance(self.seqlen, int) and self.seqlen >= 2,
+               f"seqlen must be an integer >= 2, got {self.seqlen!r}")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+

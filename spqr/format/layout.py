@@ -1,0 +1,151 @@
+"""The packed layout of one SpQR linear layer: which tensors are stored, and how they decode.
+
+For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm]):
+
+| tensor            | dtype        | shape                              | content                                  |
+|-------------------|--------------|------------------------------------|------------------------------------------|
+| qweight           | int32        | [out, ceil(in/32), wbits]          | bit-planes of the weight codes of W_perm |
+| scale_codes       | int32        | [n_groups, ceil(out/32), qq_bits]  | bit-planes of first-level scale codes    |
+| scale_scale/_zero | fp16         | [n_groups, ceil(out/beta2)]        | second-level grid of the scales          |
+| zero_codes        | int32        | [n_groups, ceil(out/32), qq_bits]  | bit-planes of first-level zero codes     |
+| zero_scale/_zero  | fp16         | [n_groups, ceil(out/beta2)]        | second-level grid of the zeros           |
+| scale, zero       | fp16         | [n_groups, out]                    | instead of the above when qq_bits is None|
+| perm              | int16/int32  | [in]                               | sweep order (absent for identity)        |
+| outlier_row_ptr   | int32        | [out + 1]                          | CSR row pointers                         |
+| outlier_col       | int16/int32  | [nnz]                              | column in W_perm, ascending in each row  |
+| outlier_val       | fp16         | [nnz]                              | outlier minus its dense reconstruction   |
+| bias              | model dtype  | [out]                              | only for layers with a bias              |
+
+n_groups = ceil(in / beta1); a ragged last group (or row group) simply has fewer members.
+Decoding: W_perm[r, c] = (code - zero[g, r]) * scale[g, r] + outlier delta, g = c // beta1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from spqr.algo.bilevel import QuantizedStat, dequantize_stat, expand_groups
+from spqr.algo.engine import QuantizedWeight
+from spqr.algo.quantizer import dequantize
+from spqr.format.packing import pack_bitplanes, packed_shape, unpack_bitplanes
+
+INT16_MAX_INDEX = 2**15  # int16 holds column indices and permutations of up to 32768 columns
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything needed, besides the tensors, to decode one layer (stored in config.json)."""
+
+    in_features: int
+    out_features: int
+    wbits: int
+    beta1: int
+    beta2: int
+    qq_bits: int | None
+    has_perm: bool
+    has_bias: bool
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.in_features // self.beta1)
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return torch.int16 if self.in_features <= INT16_MAX_INDEX else torch.int32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def expected_tensors(self, bias_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+        """name -> (shape, dtype) of every stored tensor; shape None where it depends on the outlier count."""
+        out, n_groups = self.out_features, self.n_groups
+        expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype]] = {
+            "qweight": (packed_shape((out, self.in_features), self.wbits), torch.int32),
+            "outlier_row_ptr": ((out + 1,), torch.int32),
+            "outlier_col": (None, self.index_dtype),
+            "outlier_val": (None, torch.float16),
+        }
+        if self.qq_bits is None:
+            expected["scale"] = ((n_groups, out), torch.float16)
+            expected["zero"] = ((n_groups, out), torch.float16)
+        else:
+            second = (n_groups, -(-out // self.beta2))
+            for stat in ("scale", "zero"):
+                expected[f"{stat}_codes"] = (packed_shape((n_groups, out), self.qq_bits), torch.int32)
+                expected[f"{stat}_scale"] = (second, torch.float16)
+                expected[f"{stat}_zero"] = (second, torch.float16)
+        if self.has_perm:
+            expected["perm"] = ((self.in_features,), self.index_dtype)
+        if self.has_bias:
+            expected["bias"] = ((out,), bias_dtype)
+        return expected
+
+
+@dataclass
+class PackedLinear:
+    """A layer in its stored form: spec + named tensors (see the module docstring)."""
+
+    spec: LayerSpec
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, wbits: int, beta1: int, beta2: int, qq_bits: int | None,
+                       bias: torch.Tensor | None = None) -> PackedLinear:
+        out, in_features = qw.codes.shape
+        spec = LayerSpec(in_features, out, wbits, beta1, beta2, qq_bits, qw.perm is not None, bias is not None)
+        t: dict[str, torch.Tensor] = {"qweight": pack_bitplanes(qw.codes, wbits)}
+        for name, stat in (("scale", qw.scale), ("zero", qw.zero)):
+            if qq_bits is None:
+                t[name] = stat.fp16_values
+            else:
+                t[f"{name}_codes"] = pack_bitplanes(stat.codes, qq_bits)
+                t[f"{name}_scale"] = stat.second_scale
+                t[f"{name}_zero"] = stat.second_zero
+        if qw.perm is not None:
+            t["perm"] = qw.perm.to(spec.index_dtype)
+        rows, cols = qw.outlier_mask.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+        counts = torch.bincount(rows, minlength=out)
+        t["outlier_row_ptr"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+        t["outlier_col"] = cols.to(spec.index_dtype)
+        t["outlier_val"] = qw.outlier_delta[rows, cols]
+        if bias is not None:
+            t["bias"] = bias.detach().clone()
+        return cls(spec, {k: v.contiguous() for k, v in t.items()})
+
+    @property
+    def outlier_count(self) -> int:
+        return int(self.tensors["outlier_val"].numel())
+
+    def stored_bits(self) -> int:
+        """Bits of everything stored for the weight (bias excluded: it is not a quantized weight)."""
+        return sum(t.numel() * t.element_size() * 8 for k, t in self.tensors.items() if k != "bias")
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_layer(self.spec, self.tensors)
+
+
+def _stat_values(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """First-level statistic `name` ("scale"/"zero") as fp32 [n_groups, out]."""
+    if spec.qq_bits is None:
+        stat = QuantizedStat(None, None, None, t[name])
+    else:
+        codes = unpack_bitplanes(t[f"{name}_codes"], spec.qq_bits, spec.out_features)
+        stat = QuantizedStat(codes, t[f"{name}_scale"], t[f"{name}_zero"], None)
+    return dequantize_stat(stat, spec.beta2)
+
+
+def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain reference decoder: fp32 W [out, in] in the original column order."""
+    codes = unpack_bitplanes(t["qweight"], spec.wbits, spec.in_features).float()
+    scale = expand_groups(_stat_values(spec, t, "scale").T, spec.beta1, spec.in_features)
+    zero = expand_groups(_stat_values(spec, t, "zero").T, spec.beta1, spec.in_features)
+    weight = dequantize(codes, scale, zero)
+    row_ptr = t["outlier_row_ptr"].long()
+    if t["outlier_val"].numel():
+        rows = torch.repeat_interleave(torch.arange(spec.out_features), row_ptr.diff())
+        weight.index_put_((rows, t["outlier_col"].long()), t["outlier_val"].float(), accumulate=True)
+    if spec.has_perm:
+        weight = weight[:, torch.argsort(t["perm"].long())]
+    return weight

@@ -1,0 +1,49 @@
+"""Bit-plane packing of b-bit codes into int32 words.
+
+Codes are packed along their last dimension in chunks of 32: chunk k of a row becomes `bits`
+int32 words, word p holding bit p of each of the 32 codes (code i of the chunk at bit i).
+This stores exactly `bits` bits per code for every width 2..8 (plus padding of the last chunk
+to 32), and decodes with shifts and masks only, which suits SIMD and GPU kernels alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 32
+
+
+def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
+    """Shape of pack_bitplanes(codes, bits) for codes of the given shape."""
+    *lead, n = shape
+    return (*lead, -(-n // CHUNK), bits)
+
+
+def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., n] (values in [0, 2^bits)) into int32 [..., ceil(n/32), bits]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    *lead, n = codes.shape
+    n_chunks = -(-n // CHUNK)
+    codes = codes.to(torch.int64)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    codes = torch.nn.functional.pad(codes, (0, n_chunks * CHUNK - n)).view(*lead, n_chunks, 1, CHUNK)
+    planes = (codes >> torch.arange(bits).view(bits, 1)) & 1  # [..., n_chunks, bits, 32]
+    words = (planes << torch.arange(CHUNK)).sum(-1)  # [..., n_chunks, bits], in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_bitplanes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bitplanes: int32 [..., n_chunks, bits] -> uint8 codes [..., n]."""
+    if packed.shape[-1] != bits:
+        raise ValueError(f"packed tensor has {packed.shape[-1]} bit planes, expected {bits}")
+    *lead, n_chunks, _ = packed.shape
+    if n > n_chunks * CHUNK:
+        raise ValueError(f"packed tensor holds at most {n_chunks * CHUNK} codes per row, asked for {n}")
+    shifts = torch.arange(CHUNK, dtype=torch.int32, device=packed.device)
+    planes = (packed.unsqueeze(-1) >> shifts) & 1  # [..., n_chunks, bits, 32]
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).view(bits, 1)
+    codes = (planes * weights).sum(-2, dtype=torch.int32)  # [..., n_chunks, 32]
+    return codes.reshape(*lead, n_chunks * CHUNK)[..., :n].to(torch.uint8)
