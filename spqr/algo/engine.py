@@ -77,7 +77,8 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, max_retries
     )
 
 
-def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None, config: QuantConfig) -> list[QuantizedWeight]:
+def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None,
+                     config: QuantConfig) -> list[QuantizedWeight]:
     """Quantize matrices W_i [out_i, in] that share the Hessian H [in, in] of their common input.
 
     hessian may be None only when config.needs_hessian is False (plain RTN).
@@ -130,17 +131,18 @@ def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None, 
         relative_error = 0.0
         if H is not None:
             diff = original[rows] - recon[rows]
-            relative_error = float(((diff @ H) * diff).sum() / ((original[rows] @ H) * original[rows]).sum().clamp_min(1e-30))
+            reference = ((original[rows] @ H) * original[rows]).sum().clamp_min(1e-30)
+            relative_error = float(((diff @ H) * diff).sum() / reference)
         w_hat = recon[rows]
         if perm is not None:
             w_hat = w_hat[:, torch.argsort(perm)]
         results.append(QuantizedWeight(
-            codes=codes[rows].to(torch.uint8),
+            codes=codes[rows].to(torch.uint8).contiguous(),
             scale=_slice_stat(scale_stats, rows, g_rows),
             zero=_slice_stat(zero_stats, rows, g_rows),
             perm=perm,
-            outlier_mask=outlier_mask[rows],
-            outlier_delta=outlier_delta[rows],
+            outlier_mask=outlier_mask[rows].contiguous(),
+            outlier_delta=outlier_delta[rows].contiguous(),
             weight=w_hat.contiguous(),
             relative_error=relative_error,
         ))
@@ -164,15 +166,21 @@ def _row_thresholds(weight: torch.Tensor, d: torch.Tensor, out_sizes: list[int],
 
 def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor, thresholds: torch.Tensor,
            config: QuantConfig):
-    """Column sweep with lazy block updates. weight [rows, cols] fp32 is modified in place."""
-    rows, cols = weight.shape
+    """Column sweep with lazy block updates over weight [rows, cols] (fp32, modified in place).
+
+    Works on the transpose so that each column is a contiguous vector.
+    Returns codes, reconstruction, outlier mask and deltas [rows, cols], and stacked statistics.
+    """
+    weight_t = weight.T.contiguous()
+    cols, rows = weight_t.shape
     maxq = 2**config.wbits - 1
     feedback = config.error_feedback and hinv_cho is not None
-    codes = torch.zeros(rows, cols)
-    recon = torch.zeros(rows, cols)
-    outlier_mask = torch.zeros(rows, cols, dtype=torch.bool)
-    outlier_delta = torch.zeros(rows, cols, dtype=torch.float16)
-    errors = torch.zeros(rows, config.sweep_block)
+    codes_t = torch.empty(cols, rows)
+    recon_t = torch.empty(cols, rows)
+    outlier_t = torch.zeros(cols, rows, dtype=torch.bool)
+    delta_t = torch.zeros(cols, rows, dtype=torch.float16)
+    errors_t = torch.zeros(config.sweep_block, rows)
+    d_list = d.tolist()
     scale_stats: list[QuantizedStat] = []
     zero_stats: list[QuantizedStat] = []
     thr_col = thresholds[:, None]
@@ -181,7 +189,7 @@ def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor,
         b1 = min(b0 + config.sweep_block, cols)
         for g0 in range(b0, b1, config.beta1):
             g1 = min(g0 + config.beta1, cols)
-            group = weight[:, g0:g1]
+            group = weight_t[g0:g1].T  # [rows, g]
             if config.has_outliers:
                 # Fit the grid without the weights that are likely outliers (leave-one-out gain).
                 likely = leave_one_out_gain(group, d[g0:g1], config.wbits) > thr_col
@@ -193,24 +201,25 @@ def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor,
             zero_stats.append(stats.stored_zero)
             scale, zero = stats.scale, stats.zero
             for j in range(g0, g1):
-                w = weight[:, j]
+                w = weight_t[j]
                 c = quantize(w, scale, zero, maxq)
                 q = dequantize(c, scale, zero)
                 if config.has_outliers:
-                    is_outlier = ((w - q) / d[j]).square() > thresholds
+                    is_outlier = ((w - q) / d_list[j]).square_() > thresholds
                     delta = torch.where(is_outlier, w - q, 0.0).to(torch.float16)
-                    q = q + delta.float()
-                    outlier_mask[:, j] = is_outlier
-                    outlier_delta[:, j] = delta
-                codes[:, j] = c
-                recon[:, j] = q
+                    q += delta
+                    outlier_t[j] = is_outlier
+                    delta_t[j] = delta
+                codes_t[j] = c
+                recon_t[j] = q
                 if feedback:
-                    err = (w - q) / d[j]
-                    errors[:, j - b0] = err
-                    weight[:, j + 1:b1].addr_(err, hinv_cho[j, j + 1:b1], alpha=-1)
+                    err = errors_t[j - b0]
+                    torch.div(w - q, d_list[j], out=err)
+                    weight_t[j + 1:b1].addr_(hinv_cho[j, j + 1:b1], err, alpha=-1)
         if feedback and b1 < cols:
-            weight[:, b1:].addmm_(errors[:, :b1 - b0], hinv_cho[b0:b1, b1:], alpha=-1)
-    return codes, recon, outlier_mask, outlier_delta, _stack_stats(scale_stats), _stack_stats(zero_stats)
+            weight_t[b1:].addmm_(hinv_cho[b0:b1, b1:].T, errors_t[:b1 - b0], alpha=-1)
+    return (codes_t.T, recon_t.T, outlier_t.T, delta_t.T,
+            _stack_stats(scale_stats), _stack_stats(zero_stats))
 
 
 def _stack_stats(stats: list[QuantizedStat]) -> QuantizedStat:

@@ -14,23 +14,29 @@ SCALE_EPS = 1e-9  # scales are clamped to this before dividing, as in the refere
 
 
 def fit_minmax(x: torch.Tensor, bits: int, max_abs_zero: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit one (scale, zero) per row of x [rows, n] (fp32) so that min and max are representable.
+    """Fit one (scale, zero) per row of x [rows, n] (fp32) so that its min and max are representable.
+
+    See `minmax_grid` for the degenerate cases. Returns scale [rows], zero [rows], fp32.
+    """
+    return minmax_grid(x.amin(dim=1), x.amax(dim=1), bits, max_abs_zero)
+
+
+def minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
+                max_abs_zero: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric grid (scale, zero) that spans [xmin, xmax] with 2^bits levels (elementwise).
 
     The zero point is not rounded (it is quantized later by the second level, or kept in fp16).
-    Degenerate rows: an all-zero row gets the range [-1, 1]; a constant row c gets [min(c,0), max(c,0)].
-    max_abs_zero: if |zero| would exceed it (a range far from 0, relative to its width), the row's
+    Degenerate ranges: [0, 0] becomes [-1, 1]; a constant c becomes [min(c,0), max(c,0)].
+    max_abs_zero: if |zero| would exceed it (a range far from 0, relative to its width), the
     range is widened to include 0, which bounds zero to [0, 2^bits - 1] (keeps it fp16-safe).
-    Returns scale [rows], zero [rows], fp32.
     """
     maxq = 2**bits - 1
-    xmin = x.amin(dim=1)
-    xmax = x.amax(dim=1)
     constant = xmin == xmax
     xmin = torch.where(constant, torch.clamp(xmin, max=0.0), xmin)
     xmax = torch.where(constant, torch.clamp(xmax, min=0.0), xmax)
     both_zero = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
+    xmin = torch.where(both_zero, -1.0, xmin)
+    xmax = torch.where(both_zero, 1.0, xmax)
     scale = (xmax - xmin) / maxq
     zero = -xmin / scale
     if max_abs_zero is not None:

@@ -32,6 +32,7 @@ from spqr.algo.quantizer import dequantize
 from spqr.format.packing import pack_bitplanes, packed_shape, unpack_bitplanes
 
 INT16_MAX_INDEX = 2**15  # int16 holds column indices and permutations of up to 32768 columns
+TensorSpec = tuple[tuple[int, ...] | None, torch.dtype]  # (shape, or None where it varies; dtype)
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ class LayerSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def expected_tensors(self, bias_dtype: torch.dtype = torch.float32) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
+    def expected_tensors(self, bias_dtype: torch.dtype = torch.float32) -> dict[str, TensorSpec]:
         """name -> (shape, dtype) of every stored tensor; shape None where it depends on the outlier count."""
         out, n_groups = self.out_features, self.n_groups
-        expected: dict[str, tuple[tuple[int, ...] | None, torch.dtype]] = {
+        expected: dict[str, TensorSpec] = {
             "qweight": (packed_shape((out, self.in_features), self.wbits), torch.int32),
             "outlier_row_ptr": ((out + 1,), torch.int32),
             "outlier_col": (None, self.index_dtype),

