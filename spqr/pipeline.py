@@ -120,40 +120,58 @@ def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> lis
 
 
 class _HessianCollector:
-    """Forward hooks accumulating XᵀX once per distinct input tensor; Linears fed the same tensor share it."""
+    """Pre-forward hooks accumulating XᵀX once per distinct input tensor (Linears fed the same tensor
+    share it). Once every Linear of the block has seen its input, the block's forward is cut short
+    (raising _StopForward): the rest of it would only compute outputs that are not needed.
+    """
 
     def __init__(self, linears: dict[str, nn.Linear]):
         self.sums: dict[str, torch.Tensor] = {}  # group leader name -> Σ XᵀX (fp32)
         self.tokens: dict[str, int] = {}
         self.group_of: dict[str, str] = {}  # linear name -> group leader name
         self.seconds = 0.0
+        self._expected = len(linears)
+        self._seen: set[str] = set()
         self._batch_inputs: list[tuple[torch.Tensor, str]] = []
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0]
+            self._seen.add(name)
             for seen, leader in self._batch_inputs:
                 if seen is x:
                     self.group_of.setdefault(name, leader)
-                    return
-            leader = self.group_of.setdefault(name, name)
-            self._batch_inputs.append((x, leader))
-            start = time.perf_counter()
-            flat = x.reshape(-1, x.shape[-1]).float()
-            if not bool(torch.isfinite(flat).all()):
-                raise QuantizationError(f"calibration activations entering {name} contain NaN or Inf")
-            xtx = flat.T @ flat
-            if leader in self.sums:
-                self.sums[leader] += xtx
+                    break
             else:
-                self.sums[leader] = xtx
-            self.tokens[leader] = self.tokens.get(leader, 0) + flat.shape[0]
-            self.seconds += time.perf_counter() - start
+                self._accumulate(name, x)
+            if len(self._seen) == self._expected:
+                raise _StopForward
         return hook
 
-    def end_batch(self) -> None:
-        self._batch_inputs.clear()
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        leader = self.group_of.setdefault(name, name)
+        self._batch_inputs.append((x, leader))
+        start = time.perf_counter()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if not bool(torch.isfinite(flat).all()):
+            raise QuantizationError(f"calibration activations entering {name} contain NaN or Inf")
+        if leader in self.sums:
+            self.sums[leader].addmm_(flat.T, flat)
+        else:
+            self.sums[leader] = flat.T @ flat
+        self.tokens[leader] = self.tokens.get(leader, 0) + flat.shape[0]
+        self.seconds += time.perf_counter() - start
+
+    def run(self, block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> None:
+        """Feed every calibration batch through the block, accumulating the Hessians."""
+        for hidden, kwargs in inputs:
+            try:
+                block(hidden, **kwargs)
+            except _StopForward:
+                pass
+            self._seen.clear()
+            self._batch_inputs.clear()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -206,9 +224,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             collector = _HessianCollector(linears)
             start = time.perf_counter()
             with torch.inference_mode():
-                for hidden, kwargs in inputs:
-                    block(hidden, **kwargs)
-                    collector.end_batch()
+                collector.run(block, inputs)
             collector.remove()
             report.seconds_forward += time.perf_counter() - start - collector.seconds
             report.seconds_hessian += collector.seconds

@@ -202,19 +202,17 @@ def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor,
             scale, zero = stats.scale, stats.zero
             for j in range(g0, g1):
                 w = weight_t[j]
-                c = quantize(w, scale, zero, maxq)
-                q = dequantize(c, scale, zero)
+                q = dequantize(quantize(w, scale, zero, maxq, out=codes_t[j]), scale, zero, out=recon_t[j])
+                diff = w - q
+                err = torch.div(diff, d_list[j], out=errors_t[j - b0])
                 if config.has_outliers:
-                    is_outlier = ((w - q) / d_list[j]).square_() > thresholds
-                    delta = torch.where(is_outlier, w - q, 0.0).to(torch.float16)
+                    is_outlier = torch.gt(err.square(), thresholds, out=outlier_t[j])
+                    delta = delta_t[j]
+                    diff.mul_(is_outlier)
+                    delta.copy_(diff)  # the stored (fp16) difference
                     q += delta
-                    outlier_t[j] = is_outlier
-                    delta_t[j] = delta
-                codes_t[j] = c
-                recon_t[j] = q
-                if feedback:
-                    err = errors_t[j - b0]
                     torch.div(w - q, d_list[j], out=err)
+                if feedback:
                     weight_t[j + 1:b1].addr_(hinv_cho[j, j + 1:b1], err, alpha=-1)
         if feedback and b1 < cols:
             weight_t[b1:].addmm_(hinv_cho[b0:b1, b1:].T, errors_t[:b1 - b0], alpha=-1)

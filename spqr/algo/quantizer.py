@@ -49,11 +49,14 @@ def minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
     return scale, zero
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes (as fp32 values) of x on the grid (scale, zero), clamped to [0, maxq]."""
-    return torch.clamp(torch.round(x / scale.clamp_min(SCALE_EPS) + zero), 0, maxq)
+    out = torch.div(x, scale.clamp_min(SCALE_EPS), out=out)
+    return out.add_(zero).round_().clamp_(0, maxq)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Values (fp32) represented by integer codes on the grid (scale, zero)."""
-    return (codes - zero) * scale
+    return torch.sub(codes, zero, out=out).mul_(scale)
