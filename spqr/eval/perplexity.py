@@ -27,7 +27,7 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+               batch_size: int = 4, progress: bool = True) -> PerplexityResult:
     """ppl = exp(mean over windows of the window's mean next-token NLL), windows of seqlen tokens.
 
     ids: the whole tokenized text [n] (int64). Each window is scored on its own (no context
@@ -39,8 +39,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = windows[i: i + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
-        nlls.append(nll.cpu())
-    mean_nll = float(torch.cat(nlls).double().mean())
+        logits = model(batch, use_cache=False).logits
+        for window_logits, window in zip(logits, batch):
+            nlls.append(float(F.cross_entropy(window_logits[:-1].float(), window[1:])))
+    mean_nll = float(torch.tensor(nlls, dtype=torch.float64).mean())
     return PerplexityResult(math.exp(mean_nll), mean_nll, len(windows), seqlen, time.perf_counter() - start)

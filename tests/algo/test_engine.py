@@ -290,6 +290,17 @@ def test_deterministic(config):
         assert torch.equal(x.outlier_mask, y.outlier_mask) and x.relative_error == y.relative_error
 
 
+@pytest.mark.parametrize("config", [QuantConfig(), preset("rtn")])
+def test_parameters_that_require_grad_are_accepted(config):
+    """quantize_weights(list of layer.weight) works like with detached tensors (nn.Parameter requires grad)."""
+    layer = torch.nn.Linear(32, 16)
+    H = random_hessian(32, seed=22)
+    expected = quantize_weights([layer.weight.detach()], H, config)[0]
+    got = quantize_weights([layer.weight], H, config)[0]
+    assert torch.equal(got.weight, expected.weight)
+    assert torch.equal(got.codes, expected.codes)
+
+
 def test_input_weights_are_not_modified():
     W = _weights(16, 32, 20)
     keep = W.clone()

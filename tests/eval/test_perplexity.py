@@ -1,0 +1,62 @@
+"""spqr.eval.perplexity against a plain one-window-at-a-time loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spqr.data import DataError
+from spqr.eval.perplexity import perplexity
+from tests.helpers import VOCAB, make_model
+
+
+def _reference(model, ids, seqlen, max_windows=None):
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    nlls = []
+    with torch.no_grad():
+        for i in range(n):
+            window = ids[i * seqlen:(i + 1) * seqlen]
+            logits = model(window[None], use_cache=False).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)
+            nll = -sum(logp[t, window[t + 1]].item() for t in range(seqlen - 1)) / (seqlen - 1)
+            nlls.append(nll)
+    return math.exp(sum(nlls) / len(nlls)), len(nlls)
+
+
+@pytest.mark.parametrize("batch_size,max_windows", [(1, None), (3, None), (8, 4), (2, 100)])
+def test_perplexity_matches_plain_loop(batch_size, max_windows):
+    model = make_model("llama")
+    ids = torch.randint(0, VOCAB, (7 * 16 + 5,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, ids, 16, max_windows=max_windows, batch_size=batch_size, progress=False)
+    ppl, windows = _reference(model, ids, 16, max_windows)
+    assert result.windows == windows == (min(7, max_windows) if max_windows else 7)
+    assert result.seqlen == 16
+    assert result.ppl == pytest.approx(ppl, rel=1e-5)
+    assert result.mean_nll == pytest.approx(math.log(ppl), rel=1e-5)
+    assert set(result.to_dict()) == {"ppl", "mean_nll", "windows", "seqlen", "seconds"}
+
+
+def test_perplexity_of_a_perfect_predictor_is_one():
+    class Copy(torch.nn.Module):
+        """Predicts token t+1 = token t + 1 with certainty."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, use_cache=False):
+            logits = torch.full((*ids.shape, 50), -1e4)
+            logits.scatter_(2, ((ids + 1) % 50)[..., None], 0.0)
+            return type("Out", (), {"logits": logits})()
+
+    result = perplexity(Copy(), torch.arange(40) % 50, 10, progress=False)
+    assert result.ppl == pytest.approx(1.0)
+
+
+def test_too_short_text_raises():
+    with pytest.raises(DataError):
+        perplexity(make_model("llama"), torch.arange(10), 16, progress=False)

@@ -1,0 +1,213 @@
+"""spqr.format.io (atomic writes, checksums, config checks) and spqr.format.accounting (bit accounting)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from spqr.format.accounting import checkpoint_accounting, paper_formula_bits, read_safetensors_header
+from spqr.format.io import (
+    CheckpointError,
+    atomic_directory,
+    read_config,
+    read_quantization_config,
+    read_weights,
+    sha256_file,
+    write_weights,
+)
+from spqr.format.layout import PackedLinear
+from spqr.nn import SpQRLinear
+
+# ----------------------------------------------------------------------------------------------- io
+
+
+def test_atomic_directory_success(tmp_path):
+    target = tmp_path / "sub" / "out"
+    with atomic_directory(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent and tmp.name.startswith(".")
+        (tmp / "a.txt").write_text("A")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "A"
+    assert [p.name for p in target.parent.iterdir()] == ["out"]
+
+
+def test_atomic_directory_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("A")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_existing_target(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="exists"):
+        with atomic_directory(target):
+            pass
+    # a failed overwrite keeps the old content
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_write_and_read_weights_with_checksum(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.int32).view(2, 3), "b": torch.randn(4).half(),
+               "c": torch.zeros(0, dtype=torch.int16)}
+    sums = write_weights(tmp_path, tensors)
+    path = tmp_path / "model.safetensors"
+    assert sums == {"model.safetensors": hashlib.sha256(path.read_bytes()).hexdigest()} == \
+           {"model.safetensors": sha256_file(path)}
+    back = read_weights(tmp_path, sums)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_weights(tmp_path, {"model.safetensors": "0" * 64})
+    assert set(read_weights(tmp_path, None)) == set(tensors)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_weights(tmp_path, None)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        read_weights(tmp_path, None)
+
+
+def test_read_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="JSON"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert read_config(tmp_path) == {"a": 1}
+
+
+@pytest.mark.parametrize("qc,message", [
+    (None, "quant_method"),
+    ({"quant_method": "spqr"}, "spqr_packed"),
+    ({"quant_method": "spqr_packed"}, "format version"),
+    ({"quant_method": "spqr_packed", "format_version": 999}, "999"),
+    ({"quant_method": "spqr_packed", "format_version": "1"}, "format version"),
+])
+def test_read_quantization_config_rejects(qc, message):
+    config = {} if qc is None else {"quantization_config": qc}
+    with pytest.raises(CheckpointError, match=message):
+        read_quantization_config(config, "somewhere")
+
+
+def test_read_quantization_config_accepts_version_1():
+    qc = {"quant_method": "spqr_packed", "format_version": 1, "wbits": 3}
+    assert read_quantization_config({"quantization_config": qc}, "x") == qc
+
+
+def test_read_safetensors_header(tmp_path):
+    write_weights(tmp_path, {"x": torch.ones(3, 2)})
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    size, header = read_safetensors_header(path)
+    assert size == 8 + n
+    assert header["x"]["dtype"] == "F32" and header["x"]["shape"] == [3, 2]
+    assert header["__metadata__"]["spqr_format_version"] == "1"
+    (tmp_path / "short").write_bytes(raw[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors_header(tmp_path / "short")
+    (tmp_path / "cut").write_bytes(raw[:8 + n // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors_header(tmp_path / "cut")
+    (tmp_path / "bad").write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_safetensors_header(tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------------------------- accounting
+
+DTYPE_BITS = {"F32": 32, "F16": 16, "BF16": 16, "I32": 32, "I16": 16, "I64": 64, "U8": 8, "I8": 8, "BOOL": 8}
+
+
+def _parse(path):
+    """(header length incl. prefix, {name: (dtype, shape, data offsets)}) read by hand."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def test_accounting_matches_the_file_and_the_layers(quantized_llama):
+    original, model, ckpt = quantized_llama
+    acc = checkpoint_accounting(ckpt)
+    path = ckpt / "model.safetensors"
+    header_len, header = _parse(path)
+    tensor_bytes = 0
+    for info in header.values():
+        begin, end = info["data_offsets"]
+        n = 1
+        for s in info["shape"]:
+            n *= s
+        assert end - begin == n * DTYPE_BITS[info["dtype"]] // 8
+        tensor_bytes += end - begin
+    assert header_len + tensor_bytes == os.path.getsize(path)
+    assert (acc["header_bytes"], acc["tensor_bytes"], acc["file_bytes"]) == \
+           (header_len, tensor_bytes, os.path.getsize(path))
+
+    layers = {layer["name"]: layer for layer in acc["layers"]}
+    spqr_layers = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
+    assert set(layers) == set(spqr_layers) and len(layers) == 14
+    total_bits = total_weights = total_outliers = 0
+    for name, m in spqr_layers.items():
+        bits = PackedLinear(m.spec, m.packed_tensors()).stored_bits()
+        weights = m.in_features * m.out_features
+        assert layers[name]["bits"] == bits
+        assert layers[name]["avg_bits"] == pytest.approx(bits / weights)
+        assert layers[name]["outliers"] == m.outlier_val.numel()
+        assert sum(layers[name]["parts_bits"].values()) == bits
+        assert "bias" not in layers[name]["parts_bits"]
+        total_bits += bits
+        total_weights += weights
+        total_outliers += m.outlier_val.numel()
+    assert acc["quantized_weights"] == total_weights
+    assert acc["avg_bits"] == pytest.approx(total_bits / total_weights)
+    assert acc["outliers"] == total_outliers > 0
+    assert acc["outlier_share"] == pytest.approx(total_outliers / total_weights)
+    assert sum(acc["avg_bits_by_part"].values()) == pytest.approx(acc["avg_bits"])
+    assert acc["model_parameters"] == sum(p.numel() for p in original.parameters())
+    assert acc["file_bits_per_parameter"] == pytest.approx(os.path.getsize(path) * 8 / acc["model_parameters"])
+    assert acc["paper_formula_bits"] == pytest.approx(paper_formula_bits(3, 16, 16, 3, acc["outlier_share"]))
+    # padding to 32-code words, the permutation and the CSR row pointers come on top of the formula
+    assert acc["avg_bits"] > acc["paper_formula_bits"] - 32 * acc["outlier_share"] > 3
+
+
+def test_accounting_rejects_inconsistent_files(quantized_llama, tmp_path):
+    import shutil
+
+    dst = tmp_path / "c"
+    shutil.copytree(quantized_llama[2], dst)
+    with open(dst / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="file size"):
+        checkpoint_accounting(dst)
+
+
+@pytest.mark.parametrize("wbits,beta1,beta2,qq,share", [(3, 16, 16, 3, 0.0), (4, 128, 16, None, 0.0),
+                                                        (2, 8, 32, 4, 0.01)])
+def test_paper_formula(wbits, beta1, beta2, qq, share):
+    if qq is None:
+        expected = wbits + 32 / beta1 + 32 * share  # fp16 scale and zero per group
+    else:
+        expected = wbits + 2 * qq / beta1 + 2 * 32 / (beta1 * beta2) + 32 * share
+    assert paper_formula_bits(wbits, beta1, beta2, qq, share) == pytest.approx(expected)

