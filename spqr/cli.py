@@ -24,12 +24,22 @@ log = logging.getLogger("spqr")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError)
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "16", "fp16") else int(text)
+def _qq_bits(text: str) -> int | None:
+    if text.lower() in ("none", "16", "fp16"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
 def _threshold(text: str) -> float:
-    return math.inf if text.lower() in ("inf", "none", "off") else float(text)
+    if text.lower() in ("inf", "none", "off"):
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'inf', got {text!r}") from None
 
 
 def _write_json(data: dict, path: str | None) -> None:
@@ -66,8 +76,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
         "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize,
     }.items() if v is not None}
-    if args.qq_bits is not None:
-        overrides["qq_bits"] = _optional_int(args.qq_bits)
+    if "qq_bits" in vars(args):  # absent unless given: None is a valid value (fp16 statistics)
+        overrides["qq_bits"] = args.qq_bits
     if args.no_error_feedback:
         overrides["error_feedback"] = False
     config = preset(args.method, **overrides)
@@ -152,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wbits", type=int, help="weight bits, 2..8 (spqr default 3)")
     q.add_argument("--beta1", type=int, help="input columns per group (spqr default 16)")
     q.add_argument("--beta2", type=int, help="output rows per statistics group (default 16)")
-    q.add_argument("--qq-bits", help="bits of quantized scales/zeros, or 'none' for fp16 statistics")
+    q.add_argument("--qq-bits", type=_qq_bits, default=argparse.SUPPRESS,
+                   help="bits of quantized scales/zeros, or 'none' for fp16 statistics (spqr default 3)")
     q.add_argument("--outlier-threshold", type=_threshold, help="relative outlier threshold τ, or 'inf' for none")
     q.add_argument("--perm", choices=["identity", "act_order"], help="column order of the sweep")
     q.add_argument("--percdamp", type=float, help="Hessian dampening relative to mean(diag H)")

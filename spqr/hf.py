@@ -116,14 +116,19 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without tied duplicates (safetensors refuses shared storage)."""
-    seen: set[tuple[int, int]] = set()
+    """state_dict without tied duplicates (safetensors refuses shared storage).
+
+    Empty tensors (e.g. a layer without outliers) all sit at address 0 and are never duplicates.
+    """
+    seen: set[tuple] = set()
     out = {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
+        if tensor.numel():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                   tensor.stride(), tensor.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
         out[name] = tensor
     return out
 
@@ -143,6 +148,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checksums = write_weights(tmp, _unique_state_dict(model))
         config = model.config.to_dict()
+        # The dense parameters' actual dtype (the config may predate a model.to(dtype)).
+        config["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
         config["quantization_config"] = {
             "quant_method": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -96,7 +95,8 @@ def ref_grid_fp32(x: torch.Tensor, bits: int, fp16: bool) -> tuple[torch.Tensor,
     return scale, zero
 
 
-def ref_round_trip(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_round_trip(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, reconstruction) of x on the grid; scale/zero broadcast against x."""
     codes = torch.clamp(torch.round(x / scale + zero), 0, 2**bits - 1)
     return codes, (codes - zero) * scale
@@ -195,7 +195,3 @@ def ref_unpack_row(words: list[list[int]], bits: int, n: int) -> list[int]:
         for i in range(32):
             codes.append(sum((((planes[p] & 0xFFFFFFFF) >> i) & 1) << p for p in range(bits)))
     return codes[:n]
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

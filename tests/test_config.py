@@ -49,7 +49,8 @@ def test_defaults_are_the_paper_recipe():
 
 def test_presets():
     gptq = preset("gptq")
-    assert (gptq.wbits, gptq.beta1, gptq.qq_bits, gptq.outlier_threshold, gptq.percdamp) == (4, 128, None, math.inf, 0.01)
+    assert (gptq.wbits, gptq.beta1, gptq.qq_bits, gptq.outlier_threshold, gptq.percdamp) == \
+           (4, 128, None, math.inf, 0.01)
     assert gptq.error_feedback and not gptq.has_outliers and gptq.needs_hessian
     rtn = preset("rtn")
     assert (rtn.wbits, rtn.beta1, rtn.qq_bits, rtn.outlier_threshold, rtn.perm, rtn.error_feedback) == \
@@ -92,5 +93,7 @@ def test_from_dict_rejects_unknown_options():
 
 
 def test_configs_are_frozen():
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         QuantConfig().wbits = 4  # type: ignore[misc]

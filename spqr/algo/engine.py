@@ -96,7 +96,7 @@ def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None,
     out_sizes = [w.shape[0] for w in weights]
     padded_sizes = [-(-n // config.beta2) * config.beta2 for n in out_sizes]
     weight = torch.cat([
-        F.pad(w.float()[None], (0, 0, 0, p - n), mode="replicate")[0] if p > n else w.float()
+        F.pad(w.detach().float()[None], (0, 0, 0, p - n), mode="replicate")[0] if p > n else w.detach().float()
         for w, n, p in zip(weights, out_sizes, padded_sizes)
     ])
 
@@ -107,7 +107,7 @@ def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None,
         weight = weight[:, perm]
 
     if hessian is not None:
-        H = hessian.float().clone() if perm is None else hessian.float()[perm][:, perm]
+        H = hessian.detach().float().clone() if perm is None else hessian.detach().float()[perm][:, perm]
         dead = H.diagonal() == 0
         H[dead, dead] = 1.0
         weight[:, dead] = 0.0

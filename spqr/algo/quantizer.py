@@ -26,7 +26,8 @@ def minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
     """The asymmetric grid (scale, zero) that spans [xmin, xmax] with 2^bits levels (elementwise).
 
     The zero point is not rounded (it is quantized later by the second level, or kept in fp16).
-    Degenerate ranges: [0, 0] becomes [-1, 1]; a constant c becomes [min(c,0), max(c,0)].
+    Degenerate ranges: a constant c becomes [min(c,0), max(c,0)] and [0, 0] becomes [0, 1], so
+    that the constant (and 0) stays exactly representable (zero point 0 or maxq).
     max_abs_zero: if |zero| would exceed it (a range far from 0, relative to its width), the
     range is widened to include 0, which bounds zero to [0, 2^bits - 1] (keeps it fp16-safe).
     """
@@ -35,7 +36,6 @@ def minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, bits: int,
     xmin = torch.where(constant, torch.clamp(xmin, max=0.0), xmin)
     xmax = torch.where(constant, torch.clamp(xmax, min=0.0), xmax)
     both_zero = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(both_zero, -1.0, xmin)
     xmax = torch.where(both_zero, 1.0, xmax)
     scale = (xmax - xmin) / maxq
     zero = -xmin / scale

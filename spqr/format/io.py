@@ -32,6 +32,8 @@ class CheckpointError(RuntimeError):
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out_dir` when the block finishes without error."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists; choose another path or pass overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +74,9 @@ def sha256_file(path: Path) -> str:
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Write tensors to directory/model.safetensors; returns {file name: sha256}."""
     path = directory / WEIGHTS_NAME
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt", "spqr_format_version": str(FORMAT_VERSION)})
+    # One metadata entry only: safetensors writes several in a random order, which would make
+    # identical runs give different bytes. The format version lives in config.json.
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     return {WEIGHTS_NAME: sha256_file(path)}
 
 

@@ -6,19 +6,17 @@ import pytest
 import torch
 
 from spqr.algo.outliers import layer_sensitivity_scale, leave_one_out_gain
+from spqr.algo.quantizer import minmax_grid
 
 
 def _ref_grid_error(values: list[float], fit_on: list[float], bits: int, inv_d: list[float]) -> list[float]:
-    """Per-value Hessian-weighted squared error of `values` on the min-max grid fitted to `fit_on` (float32)."""
+    """Per-value Hessian-weighted squared error of `values` on the min-max grid fitted to `fit_on` (float32).
+
+    The grid itself (including its degenerate cases) is spqr's `minmax_grid`, tested on its own in
+    test_quantizer; what is checked here is the leave-one-out logic.
+    """
     maxq = 2**bits - 1
-    lo, hi = min(fit_on), max(fit_on)
-    if lo == hi:
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if lo == 0.0 and hi == 0.0:
-        lo, hi = -1.0, 1.0
-    lo_t, hi_t = torch.tensor(lo), torch.tensor(hi)
-    scale = (hi_t - lo_t) / maxq
-    zero = -lo_t / scale
+    scale, zero = minmax_grid(torch.tensor([min(fit_on)]), torch.tensor([max(fit_on)]), bits)
     x = torch.tensor(values)
     recon = (torch.clamp(torch.round(x / scale + zero), 0, maxq) - zero) * scale
     return (((recon - x) * torch.tensor(inv_d)) ** 2).tolist()

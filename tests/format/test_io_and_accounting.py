@@ -86,6 +86,18 @@ def test_write_and_read_weights_with_checksum(tmp_path):
         read_weights(tmp_path, None)
 
 
+def test_write_weights_is_byte_deterministic(tmp_path):
+    tensors = {"b": torch.arange(5, dtype=torch.int16), "a": torch.ones(2, 3)}
+    digests = {write_weights(_fresh(tmp_path, i), tensors)["model.safetensors"] for i in range(8)}
+    assert len(digests) == 1
+
+
+def _fresh(root, i):
+    d = root / f"d{i}"
+    d.mkdir()
+    return d
+
+
 def test_read_config(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         read_config(tmp_path)
@@ -122,7 +134,6 @@ def test_read_safetensors_header(tmp_path):
     size, header = read_safetensors_header(path)
     assert size == 8 + n
     assert header["x"]["dtype"] == "F32" and header["x"]["shape"] == [3, 2]
-    assert header["__metadata__"]["spqr_format_version"] == "1"
     (tmp_path / "short").write_bytes(raw[:5])
     with pytest.raises(CheckpointError, match="truncated"):
         read_safetensors_header(tmp_path / "short")
@@ -211,3 +222,26 @@ def test_paper_formula(wbits, beta1, beta2, qq, share):
     else:
         expected = wbits + 2 * qq / beta1 + 2 * 32 / (beta1 * beta2) + 32 * share
     assert paper_formula_bits(wbits, beta1, beta2, qq, share) == pytest.approx(expected)
+
+
+def test_accounting_excludes_biases_but_counts_them_as_parameters(tmp_path):
+    from spqr.config import QuantConfig
+    from spqr.hf import save_quantized
+    from spqr.pipeline import quantize
+    from tests.helpers import make_model, random_windows
+
+    original = make_model("qwen2")
+    model = make_model("qwen2")
+    config = QuantConfig(outlier_threshold=0.1)
+    quantize(model, random_windows(4, 16), config, progress=False)
+    save_quantized(model, tmp_path / "q", config.to_dict())
+    acc = checkpoint_accounting(tmp_path / "q")
+    with_bias = 0
+    for layer in acc["layers"]:
+        m = model.get_submodule(layer["name"])
+        assert layer["bits"] == PackedLinear(m.spec, m.packed_tensors()).stored_bits()
+        assert "bias" not in layer["parts_bits"]
+        with_bias += m.bias is not None
+    assert with_bias == 6
+    # tied lm_head is stored once and counted once
+    assert acc["model_parameters"] == sum(p.numel() for p in original.parameters())

@@ -1,0 +1,189 @@
+"""spqr.cli end to end, in-process: quantize -> eval -> info on a tiny model directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from spqr.cli import main
+from spqr.data import load_text, tokenize
+from spqr.format.accounting import checkpoint_accounting
+from spqr.hf import load_quantized
+from spqr.nn import SpQRLinear
+
+
+def _ref_ppl(model, ids, seqlen, windows):
+    nlls = []
+    with torch.no_grad():
+        for i in range(windows):
+            w = ids[i * seqlen:(i + 1) * seqlen]
+            logp = torch.log_softmax(model(w[None], use_cache=False).logits[0].double(), -1)
+            nlls.append(-logp[torch.arange(seqlen - 1), w[1:]].mean().item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+@pytest.fixture(scope="module")
+def spqr_run(model_dirs, text_file, tmp_path_factory):
+    """`spqr quantize` of the tiny llama with the default (spqr) method."""
+    root = tmp_path_factory.mktemp("cli")
+    out, j = root / "out", root / "q.json"
+    grad = torch.is_grad_enabled()  # main() turns autograd off globally
+    try:
+        rc = main(["quantize", str(model_dirs["llama"]), "-o", str(out), "--nsamples", "4", "--seqlen", "32",
+                   "--calib", str(text_file), "--json", str(j)])
+    finally:
+        torch.set_grad_enabled(grad)
+    return rc, out, j, root
+
+
+def test_quantize_eval_info(spqr_run, text_file, capsys):
+    rc, out, j, root = spqr_run
+    assert rc == 0
+    summary = json.loads(j.read_text())
+    acc = checkpoint_accounting(out)
+    assert summary["accounting"]["avg_bits"] == pytest.approx(acc["avg_bits"])
+    assert summary["avg_bits"] == pytest.approx(acc["avg_bits"])
+    assert summary["method"] == "spqr"
+    assert summary["config"]["wbits"] == 3 and summary["config"]["qq_bits"] == 3
+    assert summary["calibration"]["nsamples"] == 4 and summary["calibration"]["seqlen"] == 32
+    assert summary["calibration"]["dataset"] == str(text_file)
+    assert len(summary["layers"]) == 14
+    assert json.loads((out / "quantization_report.json").read_text())["avg_bits"] == summary["avg_bits"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "spqr" and qc["calibration"]["seed"] == 0
+
+    j2 = root / "e.json"
+    capsys.readouterr()
+    assert main(["eval", str(out), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "2",
+                 "--json", str(j2)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    result = json.loads(j2.read_text())
+    assert result["windows"] == 2 and result["seqlen"] == 32 and result["dataset"] == str(text_file)
+    from transformers import AutoTokenizer
+
+    model = load_quantized(out)
+    ids = tokenize(AutoTokenizer.from_pretrained(out), load_text(str(text_file)))
+    assert result["ppl"] == pytest.approx(_ref_ppl(model, ids, 32, 2), rel=1e-5)
+    assert 1.0 < result["ppl"] < 10 * 300
+
+    j3 = root / "i.json"
+    assert main(["info", str(out), "--json", str(j3)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "average bits" in printed
+    info = json.loads(j3.read_text())
+    assert info["avg_bits"] == pytest.approx(acc["avg_bits"])
+    assert len(info["layers"]) == 14
+
+
+def test_eval_of_the_original_model(model_dirs, text_file, tmp_path):
+    j = tmp_path / "e.json"
+    assert main(["eval", str(model_dirs["mistral"]), "--dataset", str(text_file), "--seqlen", "16",
+                 "--max-windows", "3", "--batch-size", "2", "--json", str(j)]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["mistral"])
+    ids = tokenize(AutoTokenizer.from_pretrained(model_dirs["mistral"]), load_text(str(text_file)))
+    assert json.loads(j.read_text())["ppl"] == pytest.approx(_ref_ppl(model, ids, 16, 3), rel=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", ["--beta1", "16"]), ("rtn", ["--wbits", "3"])])
+def test_baseline_methods(model_dirs, text_file, tmp_path, method, extra):
+    out, j = tmp_path / "out", tmp_path / "q.json"
+    rc = main(["quantize", str(model_dirs["qwen2"]), "-o", str(out), "--method", method, "--nsamples", "4",
+               "--seqlen", "32", "--calib", str(text_file), "--json", str(j), *extra])
+    assert rc == 0
+    summary = json.loads(j.read_text())
+    assert summary["method"] == method
+    assert summary["config"]["qq_bits"] is None and summary["config"]["outlier_threshold"] is None
+    assert summary["outlier_share"] == 0.0
+    if method == "rtn":
+        assert summary["calibration"] is None and summary["config"]["wbits"] == 3
+    else:
+        assert summary["config"]["beta1"] == 16 and summary["config"]["wbits"] == 4
+    assert main(["eval", str(out), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "1"]) == 0
+
+
+def test_options_skip_and_eval(model_dirs, text_file, tmp_path):
+    out, j = tmp_path / "out", tmp_path / "q.json"
+    rc = main(["quantize", str(model_dirs["mistral"]), "-o", str(out), "--nsamples", "3", "--seqlen", "16",
+               "--calib", str(text_file), "--wbits", "4", "--beta1", "8", "--beta2", "8", "--qq-bits", "2",
+               "--outlier-threshold", "0.05", "--perm", "identity", "--percdamp", "0.5", "--blocksize", "16",
+               "--skip", "mlp.down_proj", "--forward-dtype", "bfloat16", "--eval", "--dataset", str(text_file),
+               "--eval-seqlen", "16",
+               "--max-windows", "2", "--json", str(j)])
+    assert rc == 0
+    summary = json.loads(j.read_text())
+    assert summary["config"] == {"wbits": 4, "beta1": 8, "beta2": 8, "qq_bits": 2, "outlier_threshold": 0.05,
+                                 "perm": "identity", "percdamp": 0.5, "blocksize": 16, "error_feedback": True}
+    assert summary["eval"]["windows"] == 2 and summary["eval"]["ppl"] > 1
+    assert summary["forward_dtype"] == "bfloat16"
+    assert len(summary["layers"]) == 12
+    model = load_quantized(out)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].mlp.up_proj, SpQRLinear)
+    assert model.model.layers[0].mlp.up_proj.spec.qq_bits == 2
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.down_proj" in qc["modules_not_converted"]
+
+
+def test_overwrite(spqr_run, model_dirs, text_file, capsys):
+    _, out, _, root = spqr_run
+    target = root / "again"
+    args = ["quantize", str(model_dirs["llama"]), "-o", str(target), "--method", "rtn"]
+    assert main(args) == 0
+    before = (target / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
+    assert (target / "model.safetensors").read_bytes() == before
+    assert main([*args, "--wbits", "2", "--overwrite"]) == 0
+    assert json.loads((target / "config.json").read_text())["quantization_config"]["wbits"] == 2
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "short_calib", "eval_missing",
+                                  "info_not_checkpoint", "bad_dataset"])
+def test_user_errors_exit_2(case, model_dirs, text_file, tmp_path, capsys):
+    model = str(model_dirs["llama"])
+    out = str(tmp_path / "out")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    argv, expected = {
+        "missing_model": (["quantize", str(tmp_path / "nope"), "-o", out, "--method", "rtn"], "does not exist"),
+        "wbits": (["quantize", model, "-o", out, "--wbits", "9"], "wbits"),
+        "qq_bits": (["quantize", model, "-o", out, "--qq-bits", "1"], "qq_bits"),
+        "short_calib": (["quantize", model, "-o", out, "--calib", str(short), "--seqlen", "32", "--nsamples", "2"],
+                        "tokens"),
+        "eval_missing": (["eval", str(tmp_path / "nope"), "--dataset", str(text_file)], "does not exist"),
+        "info_not_checkpoint": (["info", model], "spqr_packed"),
+        "bad_dataset": (["eval", model, "--dataset", "no-such-set"], "unknown dataset"),
+    }[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"spqr {argv[0]}: error:" in err and expected in err, err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["short.txt"]
+
+
+def test_malformed_qq_bits_is_a_usage_error(model_dirs, tmp_path, capsys):
+    """`--qq-bits three` is a user mistake: exit code 2 with a message, not a Python traceback."""
+    try:
+        rc = main(["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "out"), "--qq-bits", "three"])
+    except SystemExit as e:  # an argparse usage error is fine too
+        rc = e.code
+    assert rc == 2
+    assert "qq" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "x", "-o", "y", "--method", "awq"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
