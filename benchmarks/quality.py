@@ -35,42 +35,48 @@ REFERENCE = {
     "gptq-w4": {"ppl": 36.30},
     "rtn-w4": {"ppl": 33.34},
 }
+# name -> (method, config overrides, dtype of the calibration forward passes)
 RECIPES = {
-    "spqr-w3": ("spqr", dict(wbits=3)),
-    "spqr-w4": ("spqr", dict(wbits=4)),
-    "gptq-w4": ("gptq", dict(wbits=4)),
-    "rtn-w4": ("rtn", dict(wbits=4)),
+    "spqr-w3": ("spqr", dict(wbits=3), None),
+    "spqr-w4": ("spqr", dict(wbits=4), None),
+    "gptq-w4": ("gptq", dict(wbits=4), None),
+    "rtn-w4": ("rtn", dict(wbits=4), None),
+    "spqr-w3-bf16-forward": ("spqr", dict(wbits=3), torch.bfloat16),
 }
+REFERENCE["spqr-w3-bf16-forward"] = REFERENCE["spqr-w3"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/quality.json")
-    parser.add_argument("--recipes", default="fp32," + ",".join(RECIPES))
+    parser.add_argument("--recipes", default="fp32," + ",".join(RECIPES),
+                        help="comma-separated subset; results of other recipes already in --out are kept")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    results: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                                 "torch": torch.__version__},
-                     "setting": vars(args), "recipes": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()).get("recipes", {}) if out.exists() else {}
+    results: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                                 "torch": torch.__version__},
+                     "setting": {k: v for k, v in vars(args).items() if k != "recipes"}, "recipes": previous}
     for name in args.recipes.split(","):
         model, tokenizer = load_model()
         ids = tokenize(tokenizer, load_text("wikitext2", "test"))
         row: dict = {"reference": REFERENCE.get(name, {})}
         if name != "fp32":
-            method, overrides = RECIPES[name]
+            method, overrides, forward_dtype = RECIPES[name]
             config = preset(method, **overrides)
             calibration = CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen)
             start = time.perf_counter()
             windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
             data_seconds = time.perf_counter() - start
-            report = quantize(model, windows, config)
+            report = quantize(model, windows, config, forward_dtype=forward_dtype)
             row["config"] = config.to_dict()
+            row["forward_dtype"] = str(forward_dtype or "model dtype (float32)")
             row["seconds"] = {"calibration_data": data_seconds, **report.to_dict()["seconds"]}
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / name

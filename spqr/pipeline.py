@@ -201,6 +201,32 @@ class _HessianCollector:
         return self.sums[leader] * (2.0 / self.tokens[leader])
 
 
+def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None, config: QuantConfig,
+                    prefix: str, report: QuantizationReport,
+                    forward_copies: dict[str, nn.Linear] | None) -> dict[str, PackedLinear]:
+    """Quantize Linears that share one input (and Hessian) in one engine sweep.
+
+    Their weights are replaced by the dequantized values (also in forward_copies, the reduced-
+    precision copies used for calibration forwards, if any) so the next forward pass sees them.
+    """
+    try:
+        results = quantize_weights([m.weight.detach() for m in linears.values()], hessian, config)
+    except HessianError as e:
+        raise QuantizationError(f"{prefix + next(iter(linears))}: {e}") from e
+    packed_layers = {}
+    for (name, linear), qw in zip(linears.items(), results):
+        packed = PackedLinear.from_quantized(qw, config.wbits, config.beta1, config.beta2, config.qq_bits,
+                                             linear.bias)
+        packed_layers[name] = packed
+        linear.weight.data.copy_(qw.weight.to(linear.weight.dtype))
+        if forward_copies is not None:
+            copy_weight = forward_copies[name].weight
+            copy_weight.data.copy_(qw.weight.to(copy_weight.dtype))
+        report.layers.append(LayerReport(prefix + name, qw.codes.shape[0], qw.codes.shape[1], qw.relative_error,
+                                         qw.outlier_count, packed.stored_bits() / qw.codes.numel()))
+    return packed_layers
+
+
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress: bool = True) -> QuantizationReport:
@@ -256,23 +282,13 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             groups = {name: [name] for name in linears}
 
         start = time.perf_counter()
+        first_report = len(report.layers)
         packed_layers: dict[str, PackedLinear] = {}
         for leader, names in groups.items():
             hessian = collector.hessian(leader) if config.needs_hessian else None
-            try:
-                results = quantize_weights([linears[n].weight.detach() for n in names], hessian, config)
-            except HessianError as e:
-                raise QuantizationError(f"{prefix + leader}: {e}") from e
-            for name, qw in zip(names, results):
-                linear = linears[name]
-                packed_layers[name] = PackedLinear.from_quantized(
-                    qw, config.wbits, config.beta1, config.beta2, config.qq_bits, linear.bias)
-                linear.weight.data.copy_(qw.weight.to(linear.weight.dtype))
-                if forward_block is not block:
-                    forward_linears[name].weight.data.copy_(qw.weight.to(forward_dtype))
-                report.layers.append(LayerReport(prefix + name, qw.codes.shape[0], qw.codes.shape[1],
-                                                 qw.relative_error, qw.outlier_count,
-                                                 packed_layers[name].stored_bits() / qw.codes.numel()))
+            packed_layers.update(_quantize_group(
+                {n: linears[n] for n in names}, hessian, config, prefix, report,
+                forward_linears if forward_block is not block else None))
         report.seconds_engine += time.perf_counter() - start
 
         if config.needs_hessian and index + 1 < len(blocks):
@@ -284,7 +300,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 
         for name, packed in packed_layers.items():
             set_submodule(block, name, SpQRLinear.from_packed(packed))
-        block_reports = report.layers[-len(packed_layers):]
+        block_reports = report.layers[first_report:]
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)

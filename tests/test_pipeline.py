@@ -258,3 +258,12 @@ def test_bfloat16_calibration_forwards():
     original = make_model("qwen2").model.layers[0].mlp.up_proj.weight.detach()
     a, b = fp32.model.layers[0].mlp.up_proj.dequantize(), bf16.model.layers[0].mlp.up_proj.dequantize()
     assert relative_error(b, a) < 2 * relative_error(a, original)
+
+
+def test_block_with_every_linear_skipped():
+    model = make_model("llama")
+    all_names = decoder_linear_names(model)
+    names = [n for n in all_names if n.startswith("model.layers.1.")]
+    report = quantize(model, random_windows(4, 16), QuantConfig(), skip=tuple(names), progress=False)
+    assert sorted(r.name for r in report.layers) == sorted(n for n in all_names if n.startswith("model.layers.0."))
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
