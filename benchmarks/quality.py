@@ -24,6 +24,7 @@ from spqr.config import CalibrationConfig, preset
 from spqr.data import load_text, tokenize
 from spqr.eval.perplexity import perplexity
 from spqr.format.accounting import checkpoint_accounting
+from spqr.format.io import read_config
 from spqr.hf import load_model, load_quantized, save_quantized
 from spqr.pipeline import calibration_data, quantize
 
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: temporary)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -79,9 +81,11 @@ def main() -> None:
             row["forward_dtype"] = str(forward_dtype or "model dtype (float32)")
             row["seconds"] = {"calibration_data": data_seconds, **report.to_dict()["seconds"]}
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / name
-                save_quantized(model, path, {"method": method, **config.to_dict()}, tokenizer=tokenizer)
+                path = Path(args.save_dir or tmp) / name
+                save_quantized(model, path, {"method": method, **config.to_dict()}, tokenizer=tokenizer,
+                               overwrite=True)
                 accounting = checkpoint_accounting(path)
+                row["sha256"] = read_config(path)["quantization_config"]["checksums"]
                 model = load_quantized(path)  # evaluate what was saved
             row["bits"] = {k: accounting[k] for k in ("avg_bits", "paper_formula_bits", "outlier_share",
                                                       "avg_bits_by_part", "file_bytes", "file_bits_per_parameter")}

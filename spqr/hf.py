@@ -21,7 +21,7 @@ from spqr.format.io import (
     read_weights,
     write_weights,
 )
-from spqr.format.layout import LayerSpec
+from spqr.format.layout import LayerSpec, validate_layer
 from spqr.nn import SpQRLinear
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,11 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     for name, spec_dict in qc["modules"].items():
-        spec = LayerSpec(**spec_dict)
+        try:
+            spec = LayerSpec(**spec_dict)
+            model.get_submodule(name)
+        except (TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: config.json entry for module {name} is invalid: {e}") from e
         expected = spec.expected_tensors(bias_dtype=dtype)
         layer_tensors = {}
         for key, (shape, tensor_dtype) in expected.items():
@@ -201,6 +205,10 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
                 raise CheckpointError(f"{path}: tensor {full} has dtype {t.dtype} and shape {tuple(t.shape)}, "
                                       f"expected {tensor_dtype} and {shape}")
             layer_tensors[key] = t
+        try:
+            validate_layer(spec, layer_tensors, name)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         set_submodule(model, name, SpQRLinear(spec, layer_tensors))
 
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

@@ -150,3 +150,33 @@ def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tenso
     if spec.has_perm:
         weight = weight[:, torch.argsort(t["perm"].long())]
     return weight
+
+
+def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
+    """Check a layer's tensors for consistency beyond dtype and shape; raise ValueError naming the problem.
+
+    CSR row pointers start at 0, never decrease and end at nnz; column indices are in range and
+    strictly ascending within each row; the permutation is a true permutation; stored fp16
+    statistics and outlier values are finite.
+    """
+    nnz = t["outlier_val"].numel()
+    if t["outlier_col"].numel() != nnz:
+        raise ValueError(f"{name}: {t['outlier_col'].numel()} outlier columns but {nnz} outlier values")
+    row_ptr = t["outlier_row_ptr"].long()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr.diff() < 0).any()):
+        raise ValueError(f"{name}: outlier_row_ptr is not a valid CSR row pointer array for {nnz} outliers")
+    cols = t["outlier_col"].long()
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= spec.in_features):
+        raise ValueError(f"{name}: outlier_col has indices outside [0, {spec.in_features})")
+    if nnz > 1:
+        rows = torch.repeat_interleave(torch.arange(spec.out_features), row_ptr.diff())
+        same_row = rows[1:] == rows[:-1]
+        if bool((same_row & (cols[1:] <= cols[:-1])).any()):
+            raise ValueError(f"{name}: outlier_col is not strictly ascending within a row")
+    if spec.has_perm:
+        perm = t["perm"].long()
+        if not torch.equal(torch.sort(perm).values, torch.arange(spec.in_features)):
+            raise ValueError(f"{name}: perm is not a permutation of 0..{spec.in_features - 1}")
+    for key in ("outlier_val", "scale", "zero", "scale_scale", "scale_zero", "zero_scale", "zero_zero"):
+        if key in t and not bool(torch.isfinite(t[key]).all()):
+            raise ValueError(f"{name}: {key} contains NaN or Inf")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from spqr.algo.engine import quantize_weights
 from spqr.config import QuantConfig
-from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, validate_layer
 from spqr.nn import SpQRLinear
 from tests.helpers import random_hessian, ref_unpack_row
 
@@ -178,3 +178,65 @@ def test_bias_is_a_copy_not_a_view():
     assert torch.equal(packed.tensors["bias"], bias)
     bias.add_(1.0)
     assert not torch.equal(packed.tensors["bias"], bias)
+
+
+# ------------------------------------------------------------------------------------------ validate_layer
+
+def _corruptions():
+    """(description, function mutating a copy of the tensors, expected message fragment)."""
+    def ptr_start(t):
+        t["outlier_row_ptr"][0] = 1
+
+    def ptr_decreasing(t):
+        p = t["outlier_row_ptr"]
+        first, second = int(p[1]), int(p[2])
+        p[1], p[2] = second + 1, first
+
+    def ptr_end(t):
+        t["outlier_row_ptr"][-1] += 1
+
+    def col_range(t):
+        t["outlier_col"][0] = 10_000
+
+    def col_negative(t):
+        t["outlier_col"][0] = -1
+
+    def col_order(t):
+        row_ptr = t["outlier_row_ptr"]
+        r = int(torch.nonzero(row_ptr.diff() >= 2)[0])
+        a = int(row_ptr[r])
+        t["outlier_col"][a], t["outlier_col"][a + 1] = t["outlier_col"][a + 1].clone(), t["outlier_col"][a].clone()
+
+    def perm_duplicate(t):
+        t["perm"][0] = t["perm"][1]
+
+    def nan_value(t):
+        t["outlier_val"][0] = float("nan")
+
+    def inf_stat(t):
+        t["scale_scale"][0, 0] = float("inf")
+
+    def count_mismatch(t):
+        t["outlier_col"] = t["outlier_col"][:-1]
+
+    return [("ptr_start", ptr_start, "row pointer"), ("ptr_decreasing", ptr_decreasing, "row pointer"),
+            ("ptr_end", ptr_end, "row pointer"), ("col_range", col_range, "outside"),
+            ("col_negative", col_negative, "outside"), ("col_order", col_order, "ascending"),
+            ("perm_duplicate", perm_duplicate, "permutation"), ("nan_value", nan_value, "NaN"),
+            ("inf_stat", inf_stat, "NaN or Inf"), ("count_mismatch", count_mismatch, "outlier columns")]
+
+
+def test_validate_layer_accepts_engine_output():
+    for case in CASES:
+        _, packed, _ = _packed(case, bias=True)
+        validate_layer(packed.spec, packed.tensors, "layer")
+
+
+@pytest.mark.parametrize("description,corrupt,message", _corruptions(), ids=[c[0] for c in _corruptions()])
+def test_validate_layer_rejects_corruption(description, corrupt, message):
+    _, packed, _ = _packed(CASES[0])
+    assert packed.outlier_count > 3
+    tensors = {k: v.clone() for k, v in packed.tensors.items()}
+    corrupt(tensors)
+    with pytest.raises(ValueError, match=message):
+        validate_layer(packed.spec, tensors, "model.layers.0.q_proj")
