@@ -178,21 +178,33 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     raw = read_config(path)
     qc = read_quantization_config(raw, path)
+    modules = qc.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{path}: quantization_config has no 'modules' table")
     tensors = read_weights(path, qc.get("checksums") if verify_checksum else None)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # transformers raises many types for a bad model config
+        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build: "
+                              f"{type(e).__name__}: {e}") from e
 
-    for name, spec_dict in qc["modules"].items():
+    for name, spec_dict in modules.items():
         try:
             spec = LayerSpec(**spec_dict)
-            model.get_submodule(name)
-        except (TypeError, AttributeError) as e:
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"{name} is not a Linear layer of this model")
+            if (linear.out_features, linear.in_features) != (spec.out_features, spec.in_features):
+                raise ValueError(f"the model config makes it {linear.out_features}x{linear.in_features}, "
+                                 f"the quantized layer is {spec.out_features}x{spec.in_features}")
+        except (TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{path}: config.json entry for module {name} is invalid: {e}") from e
         expected = spec.expected_tensors(bias_dtype=dtype)
         layer_tensors = {}
@@ -211,7 +223,10 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
             raise CheckpointError(f"{path}: {e}") from e
         set_submodule(model, name, SpQRLinear(spec, layer_tensors))
 
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches between config.json and the stored tensors
+        raise CheckpointError(f"{path}: stored tensors do not fit the model described by config.json: {e}") from e
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
     model.tie_weights()

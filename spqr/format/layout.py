@@ -48,6 +48,19 @@ class LayerSpec:
     has_perm: bool
     has_bias: bool
 
+    def __post_init__(self) -> None:
+        def is_int(v: object, lo: int, hi: int) -> bool:
+            return type(v) is int and lo <= v <= hi
+
+        problems = [name for name, ok in (
+            ("in_features", is_int(self.in_features, 1, 2**31)), ("out_features", is_int(self.out_features, 1, 2**31)),
+            ("wbits", is_int(self.wbits, 1, 8)), ("beta1", is_int(self.beta1, 1, 2**31)),
+            ("beta2", is_int(self.beta2, 1, 2**31)),
+            ("qq_bits", self.qq_bits is None or is_int(self.qq_bits, 1, 8)),
+            ("has_perm", type(self.has_perm) is bool), ("has_bias", type(self.has_bias) is bool)) if not ok]
+        if problems:
+            raise ValueError(f"invalid layer spec fields {problems}: {self}")
+
     @property
     def n_groups(self) -> int:
         return -(-self.in_features // self.beta1)
