@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,31 @@ def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+def test_more_bad_inputs_exit_2(model_dirs, text_file, tmp_path, capsys, tokenizer):
+    from tests.helpers import make_model
+
+    not_a_model = tmp_path / "weights.bin"
+    not_a_model.write_bytes(b"\0" * 100)
+    nan_dir = tmp_path / "nan-model"
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = math.nan
+    model.save_pretrained(nan_dir)
+    tokenizer.save_pretrained(nan_dir)
+    cases = [
+        (["quantize", str(not_a_model), "-o", str(tmp_path / "o1")], "not a .gguf"),
+        (["quantize", str(tmp_path), "-o", str(tmp_path / "o2")], "config.json"),
+        (["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "o3"), "--seqlen", "1000",
+          "--calib", str(text_file)], "exceeds the model's maximum"),
+        (["quantize", str(nan_dir), "-o", str(tmp_path / "o4"), "--nsamples", "2", "--seqlen", "16",
+          "--calib", str(text_file)], "NaN"),
+        (["quantize", str(model_dirs["llama"]), "-o", str(tmp_path / "o5"), "--outlier-threshold", "-1"],
+         "outlier_threshold"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and expected in err, (argv, err)
+        assert not Path(argv[argv.index("-o") + 1]).exists()
