@@ -245,3 +245,19 @@ def test_accounting_excludes_biases_but_counts_them_as_parameters(tmp_path):
     assert with_bias == 6
     # tied lm_head is stored once and counted once
     assert acc["model_parameters"] == sum(p.numel() for p in original.parameters())
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+
+    from spqr.format.io import atomic_directory
+
+    dead = subprocess.Popen(["true"])  # a process that has exited: its pid is free
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("done")
+    assert not stale.exists()
+    assert (tmp_path / "out" / "x").read_text() == "done"
