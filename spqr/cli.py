@@ -17,7 +17,7 @@ from spqr.config import CalibrationConfig, ConfigError, preset
 from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
-from spqr.hf import ModelLoadError, load_model, save_quantized
+from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
 log = logging.getLogger("spqr")
@@ -96,14 +96,19 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    block_weights = None
+    if args.model is not None and has_safetensors_weights(args.model):
+        # One decoder block at a time in memory: models larger than RAM can be quantized.
+        model, tokenizer, block_weights = load_model_lazy(args.model)
+    else:
+        model, tokenizer = load_model(args.model)
     load_seconds = time.perf_counter() - start
     log.info("quantizing with %s", config)
     windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
     forward_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.forward_dtype]
     try:
         report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
-                          forward_dtype=forward_dtype, progress_dir=progress_dir)
+                          forward_dtype=forward_dtype, progress_dir=progress_dir, block_weights=block_weights)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: "
                           "run the same command again to resume") from None

@@ -87,6 +87,88 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.floa
     return model, tokenizer
 
 
+class ShardedWeights:
+    """The tensors of a Hugging Face safetensors checkpoint (one file, or shards with an index), read
+    on demand, so that a model can be processed one decoder block at a time."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(str(directory / "model.safetensors"), "pt") as f:
+                self.files = {name: directory / "model.safetensors" for name in f.keys()}
+        else:
+            raise ModelLoadError(f"{directory} has no safetensors weights (model.safetensors or an index)")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: torch.dtype,
+                exclude: str | None = None) -> None:
+    """Load from `weights` (names prefixed by `prefix`) every tensor of `module` still on the meta device,
+    except those under `exclude`; floating-point tensors are cast to dtype."""
+    names = [n for n, t in module.state_dict(keep_vars=True).items()
+             if t.device.type == "meta" and not (exclude and n.startswith(exclude + "."))]
+    present = [n for n in names if prefix + n in weights]
+    tensors = weights.load([prefix + n for n in present])
+    module.load_state_dict({n: tensors[prefix + n].to(dtype) if tensors[prefix + n].is_floating_point()
+                            else tensors[prefix + n] for n in present}, strict=False, assign=True)
+
+
+def has_safetensors_weights(path: str | Path) -> bool:
+    """True for a plain (not yet quantized) HF model directory with safetensors weights."""
+    p = Path(path)
+    return (p.is_dir() and (p / CONFIG_NAME).is_file() and not is_quantized_checkpoint(p)
+            and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()))
+
+
+def load_model_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, weights) of a HF safetensors directory with its decoder blocks left on the
+    meta device: `spqr.pipeline.quantize(..., block_weights=weights)` loads one block at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"{path} is not a model directory: it has no {CONFIG_NAME}")
+    weights = ShardedWeights(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
+    blocks_name, _ = find_decoder_blocks(model)
+    materialize(model, "", weights, dtype, exclude=blocks_name)
+    model.tie_weights()
+    empty = [n for n, t in model.state_dict(keep_vars=True).items()
+             if t.device.type == "meta" and not n.startswith(blocks_name + ".")]
+    if empty:
+        raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {empty[:5]}")
+    model.eval()
+    return model, tokenizer, weights
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: the longest ModuleList whose every child holds Linear layers.
 

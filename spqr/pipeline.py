@@ -22,7 +22,7 @@ from spqr.algo.engine import HessianError, quantize_weights
 from spqr.config import CalibrationConfig, QuantConfig
 from spqr.data import DataError, calibration_windows, load_text, tokenize
 from spqr.format.layout import PackedLinear
-from spqr.hf import block_linears, find_decoder_blocks, set_submodule
+from spqr.hf import ShardedWeights, block_linears, find_decoder_blocks, materialize, set_submodule
 from spqr.nn import SpQRLinear
 from spqr.resume import ProgressStore, run_fingerprint
 
@@ -231,7 +231,8 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
-             progress_dir: str | Path | None = None, progress: bool = True) -> QuantizationReport:
+             progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
+             progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
@@ -241,6 +242,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     the weights are still quantized from their original values and Hessians accumulate in fp32.
     progress_dir: keep each finished block (and the activations entering the next) there, and
     resume from what is there when the same run is started again (see spqr.resume).
+    block_weights: for a model from `load_model_lazy` (blocks on the meta device), the checkpoint
+    each block is loaded from just before it is quantized, so only one dense block is in memory.
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -252,6 +255,13 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
 
+    dense_dtype = model.get_input_embeddings().weight.dtype
+
+    def load_block(index: int) -> None:
+        if block_weights is not None:
+            materialize(blocks[index], f"{blocks_name}.{index}.", block_weights, dense_dtype)
+
+    load_block(0)
     inputs: list[tuple[torch.Tensor, dict]] = []
     if config.needs_hessian:
         start = time.perf_counter()
@@ -272,6 +282,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                 layers, reports = store.load_block(index)
                 for name, packed in layers.items():
                     set_submodule(model, name, SpQRLinear.from_packed(packed))
+                load_block(index)  # the block's other tensors (norms), if it was left on meta
                 report.layers.extend(LayerReport(**r) for r in reports)
             if config.needs_hessian and first_block < len(blocks):
                 inputs = [(hidden, kwargs) for hidden, (_, kwargs) in zip(store.load_activations(first_block), inputs)]
@@ -279,6 +290,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
                initial=first_block, total=len(blocks))
     for index, block in bar:
+        load_block(index)
         prefix = f"{blocks_name}.{index}."
         linears = {name: m for name, m in block_linears(block).items()
                    if not any((prefix + name) == s or (prefix + name).endswith("." + s) for s in skip)}

@@ -116,7 +116,7 @@ def read_quantization_config(config: dict, directory: str | os.PathLike) -> dict
         method = qc.get("quant_method") if isinstance(qc, dict) else None
         raise CheckpointError(f"{directory} is not a {FORMAT_NAME} checkpoint (quant_method={method!r})")
     version = qc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(f"{directory} has format version {version!r}; this spqr reads versions up to "
                               f"{FORMAT_VERSION}: upgrade spqr")
     return qc

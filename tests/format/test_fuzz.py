@@ -16,9 +16,15 @@ from safetensors.torch import load_file, save_file
 from spqr.format.io import CheckpointError
 from spqr.hf import load_quantized
 
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same examples every run (explore more with --hypothesis-seed=random).
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True),
                         st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2))
+# Model-config edits: integers kept small, since building a model skeleton with e.g. 70,000 layers
+# takes minutes (it is refused all the same).
+SMALL_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True),
+                              st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2))
 
 
 def _copy(checkpoint: Path) -> Path:
@@ -89,7 +95,7 @@ def test_edited_module_specs_are_refused(quantized_llama, data):
 @FUZZ
 @given(key=st.sampled_from(["hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "model_type",
                             "num_attention_heads", "quant_method", "format_version", "modules"]),
-       value=JSON_VALUES)
+       value=SMALL_JSON_VALUES)
 def test_edited_model_configs_are_refused(quantized_llama, key, value):
     path = _copy(quantized_llama[2])
     config = json.loads((path / "config.json").read_text())
