@@ -130,8 +130,10 @@ def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: 
              if t.device.type == "meta" and not (exclude and n.startswith(exclude + "."))]
     present = [n for n in names if prefix + n in weights]
     tensors = weights.load([prefix + n for n in present])
-    module.load_state_dict({n: tensors[prefix + n].to(dtype) if tensors[prefix + n].is_floating_point()
-                            else tensors[prefix + n] for n in present}, strict=False, assign=True)
+    # Copies, not views: safetensors returns views of a memory-mapped shard, and one surviving view
+    # (a norm weight) would keep the whole mapping, with every page written since, resident.
+    module.load_state_dict({n: tensors[prefix + n].to(dtype, copy=True) if tensors[prefix + n].is_floating_point()
+                            else tensors[prefix + n].clone() for n in present}, strict=False, assign=True)
 
 
 def has_safetensors_weights(path: str | Path) -> bool:
