@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,11 +58,14 @@ def main() -> None:
         source, target = Path(tmp) / "model", Path(tmp) / "quantized"
         weight_bytes = build_model(source, args.layers, args.hidden, args.intermediate, args.vocab)
         start = time.perf_counter()
+        summary_path = Path(tmp) / "summary.json"
         subprocess.run([sys.executable, "-m", "spqr.cli", "quantize", str(source), "-o", str(target),
                         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                        "--calib-split", "valid"], check=True)
+                        "--json", str(summary_path)], check=True)
         seconds = time.perf_counter() - start
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        # The CLI's own VmHWM: getrusage(RUSAGE_CHILDREN) would also count this (large) parent,
+        # whose memory the child shares between fork and exec.
+        peak_rss = json.loads(summary_path.read_text())["peak_rss_bytes"]
         checkpoint_bytes = (target / "model.safetensors").stat().st_size
     result = {
         "model": vars(args), "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss,

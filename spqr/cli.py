@@ -47,6 +47,18 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or 'inf', got {text!r}") from None
 
 
+def peak_rss_bytes() -> int | None:
+    """High-water mark of this process's resident memory (Linux VmHWM; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _write_json(data: dict, path: str | None) -> None:
     text = json.dumps(data, indent=2)
     if path:
@@ -131,6 +143,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
              out, accounting["avg_bits"], accounting["paper_formula_bits"], 100 * accounting["outlier_share"],
              accounting["file_bytes"] / 1e6, report.seconds_total, report.seconds_forward,
              report.seconds_hessian, report.seconds_engine)
+    summary["peak_rss_bytes"] = peak_rss_bytes()  # before evaluation, which needs more
     if args.eval:
         summary["eval"] = _evaluate(model, tokenizer, args.dataset, args.split, args.eval_seqlen,
                                     args.max_windows, args.batch_size)
