@@ -125,3 +125,20 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(deep_model_dir, 
         subprocess.run(_cli(deep_model_dir, out, text_file), check=True, env=env, capture_output=True)
     assert _sha(out) == _sha(reference)
     assert not progress_dir.exists()
+
+
+def test_ctrl_c_exits_cleanly_with_resume_instructions(deep_model_dir, text_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, progress_dir = tmp_path / "out", tmp_path / ".out.partial"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file), env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while _next_block(progress_dir) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    message = log.read_text()
+    assert proc.returncode == 130, message[-2000:]
+    assert "run the same command again to resume" in message and "Traceback" not in message
+    assert 0 < _next_block(progress_dir) < 8 and not out.exists()
