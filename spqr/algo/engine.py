@@ -111,12 +111,10 @@ def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None,
         dead = H.diagonal() == 0
         H[dead, dead] = 1.0
         weight[:, dead] = 0.0
-        original = weight.clone()
         hinv_cho = inverse_hessian_cholesky(H, config.percdamp)
         d = hinv_cho.diagonal()
     else:
         H = None
-        original = weight
         hinv_cho = None
         d = torch.ones(in_features)
 
@@ -130,8 +128,8 @@ def quantize_weights(weights: list[torch.Tensor], hessian: torch.Tensor | None,
         g_rows = slice(start // config.beta2, start // config.beta2 + -(-n // config.beta2))
         relative_error = 0.0
         if H is not None:
-            diff = original[rows] - recon[rows]
-            reference = ((original[rows] @ H) * original[rows]).sum().clamp_min(1e-30)
+            diff = weight[rows] - recon[rows]
+            reference = ((weight[rows] @ H) * weight[rows]).sum().clamp_min(1e-30)
             relative_error = float(((diff @ H) * diff).sum() / reference)
         w_hat = recon[rows]
         if perm is not None:
@@ -166,9 +164,10 @@ def _row_thresholds(weight: torch.Tensor, d: torch.Tensor, out_sizes: list[int],
 
 def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor, thresholds: torch.Tensor,
            config: QuantConfig):
-    """Column sweep with lazy block updates over weight [rows, cols] (fp32, modified in place).
+    """Column sweep with lazy block updates over weight [rows, cols] (fp32; left unchanged).
 
-    Works on the transpose so that each column is a contiguous vector.
+    Works on a transposed copy, so that each column is a contiguous vector and the error
+    feedback updates the copy.
     Returns codes, reconstruction, outlier mask and deltas [rows, cols], and stacked statistics.
     """
     weight_t = weight.T.contiguous()

@@ -150,6 +150,11 @@ def _stat_values(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> torc
     return dequantize_stat(stat, spec.beta2)
 
 
+def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Row index of every stored outlier [nnz] (int64), from CSR row pointers [out + 1]."""
+    return torch.repeat_interleave(torch.arange(out_features), row_ptr.long().diff())
+
+
 def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain reference decoder: fp32 W [out, in] in the original column order."""
     codes = unpack_bitplanes(t["qweight"], spec.wbits, spec.in_features).float()
@@ -158,7 +163,7 @@ def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tenso
     weight = dequantize(codes, scale, zero)
     row_ptr = t["outlier_row_ptr"].long()
     if t["outlier_val"].numel():
-        rows = torch.repeat_interleave(torch.arange(spec.out_features), row_ptr.diff())
+        rows = csr_rows(row_ptr, spec.out_features)
         weight.index_put_((rows, t["outlier_col"].long()), t["outlier_val"].float(), accumulate=True)
     if spec.has_perm:
         weight = weight[:, torch.argsort(t["perm"].long())]
@@ -182,7 +187,7 @@ def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> No
     if nnz and (int(cols.min()) < 0 or int(cols.max()) >= spec.in_features):
         raise ValueError(f"{name}: outlier_col has indices outside [0, {spec.in_features})")
     if nnz > 1:
-        rows = torch.repeat_interleave(torch.arange(spec.out_features), row_ptr.diff())
+        rows = csr_rows(row_ptr, spec.out_features)
         same_row = rows[1:] == rows[:-1]
         if bool((same_row & (cols[1:] <= cols[:-1])).any()):
             raise ValueError(f"{name}: outlier_col is not strictly ascending within a row")
