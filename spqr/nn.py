@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spqr import kernels
 from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer
 
 
@@ -13,9 +14,12 @@ class SpQRLinear(nn.Module):
     """Linear layer y = x Wᵀ + b whose W is stored packed (see spqr.format.layout).
 
     The packed tensors are buffers, so they follow .to(device) and appear in state_dict under
-    the layer's name (e.g. `model.layers.0.self_attn.q_proj.qweight`). This reference forward
-    decodes W and calls F.linear; faster kernels decode on the fly from the same buffers.
+    the layer's name (e.g. `model.layers.0.self_attn.q_proj.qweight`). forward computes from
+    them through the registered op torch.ops.spqr.linear (spqr.kernels: C kernels on CPU);
+    with `use_reference = True` it decodes W exactly and calls F.linear instead.
     """
+
+    use_reference: bool = False
 
     def __init__(self, spec: LayerSpec, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -43,9 +47,11 @@ class SpQRLinear(nn.Module):
         return dequantize_layer(self.spec, self.packed_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        if self.use_reference:
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        y = kernels.linear(self.spec, self._buffers, x)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -1,0 +1,163 @@
+"""The C kernels of spqr_cpu.c: built on first use with the system C compiler, loaded with ctypes.
+
+The library is compiled for the machine it runs on (-march=native, OpenMP) into a cache directory
+(SPQR_CACHE_DIR, default ~/.cache/spqr) under a name that hashes the source, the flags and the CPU,
+so a source change or another CPU triggers a rebuild. When no compiler is available or the build
+fails, `load()` returns None once with a logged reason, and callers use the reference path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from spqr.format.layout import LayerSpec
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("spqr_cpu.c")
+FLAGS = {
+    "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
+    # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
+    "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-DSPQR_PORTABLE"],
+}
+NB = 64  # rows of W per decoded block in spqr_gemm (output rows are padded to a multiple of this)
+
+
+class LayerStruct(ctypes.Structure):
+    """Mirror of `spqr_layer` in spqr_cpu.c."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("in_features", "out_features", "wbits", "beta1", "beta2", "qq_bits")] + [
+        (name, ctypes.c_void_p) for name in
+        ("qweight", "scale_codes", "zero_codes", "scale_scale", "scale_zero", "zero_scale", "zero_zero",
+         "scale_fp16", "zero_fp16", "row_ptr", "outlier_col")] + [
+        ("outlier_col_int32", ctypes.c_int64), ("outlier_val", ctypes.c_void_p)]
+
+
+class CpuKernels:
+    """The loaded library; `matmul` computes x W_permᵀ from a layer's packed tensors."""
+
+    def __init__(self, lib: ctypes.CDLL, variant: str):
+        self.variant = variant
+        self.has_avx512 = bool(lib.spqr_has_avx512())
+        self._gemv = lib.spqr_gemv
+        self._gemv.argtypes = [ctypes.POINTER(LayerStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self._gemv.restype = ctypes.c_int
+        self._gemm = lib.spqr_gemm
+        self._gemm.argtypes = [ctypes.POINTER(LayerStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int]
+        self._gemm.restype = ctypes.c_int
+        self._layers: dict[tuple, LayerStruct] = {}
+
+    @staticmethod
+    def supports(spec: LayerSpec) -> bool:
+        return spec.beta1 % 16 == 0
+
+    def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
+               gemv_max_rows: int = 2) -> torch.Tensor:
+        """x [M, in] fp32 contiguous, columns already permuted -> [M, out] fp32 (bias not added).
+
+        Up to gemv_max_rows rows go through the matrix-vector kernel one by one, more through the
+        matrix-matrix kernel (measured crossover on a 2-core AVX-512 machine: 2-3 rows).
+        """
+        layer = self._layer(spec, t)
+        threads = torch.get_num_threads()
+        rows, n = x.shape[0], spec.out_features
+        if rows <= gemv_max_rows:
+            y = torch.empty(rows, n, dtype=torch.float32)
+            for i in range(rows):
+                if self._gemv(ctypes.byref(layer), x[i].data_ptr(), y[i].data_ptr(), threads):
+                    raise MemoryError("spqr_gemv could not allocate its workspace")
+            return y
+        padded_rows = -(-rows // 16) * 16
+        xt = torch.zeros(spec.in_features, padded_rows, dtype=torch.float32)
+        xt[:, :rows] = x.T
+        yt = torch.zeros(-(-n // NB) * NB, padded_rows, dtype=torch.float32)
+        if self._gemm(ctypes.byref(layer), padded_rows, xt.data_ptr(), yt.data_ptr(), threads):
+            raise MemoryError("spqr_gemm could not allocate its workspace")
+        return yt[:n, :rows].T.contiguous()
+
+
+    def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
+        """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec)."""
+        key = (spec, *(v.data_ptr() if v.is_contiguous() else -1 for v in t.values()))
+        layer = self._layers.get(key)
+        if layer is None:
+            if len(self._layers) > 100_000:
+                self._layers.clear()
+            layer = self._layers[key] = _layer_struct(spec, t)
+        return layer
+
+
+def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
+    def ptr(name: str) -> int | None:
+        tensor = t.get(name)
+        if tensor is None:
+            return None
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU tensor for the CPU kernels")
+        return tensor.data_ptr()
+
+    return LayerStruct(
+        spec.in_features, spec.out_features, spec.wbits, spec.beta1, spec.beta2, spec.qq_bits or 0,
+        ptr("qweight"), ptr("scale_codes"), ptr("zero_codes"), ptr("scale_scale"), ptr("scale_zero"),
+        ptr("zero_scale"), ptr("zero_zero"), ptr("scale"), ptr("zero"), ptr("outlier_row_ptr"),
+        ptr("outlier_col"), int(t["outlier_col"].dtype == torch.int32), ptr("outlier_val"))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SPQR_CACHE_DIR") or Path.home() / ".cache" / "spqr")
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def build(variant: str = "native") -> Path:
+    """Compile spqr_cpu.c (if not cached) and return the shared library's path; raises RuntimeError."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    flags = FLAGS[variant]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_identity()]).encode()).hexdigest()
+    target = _cache_dir() / f"spqr_cpu_{variant}_{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp_lib = Path(tmp) / target.name
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_lib)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp_lib, target)  # atomic: concurrent builds both produce a complete file
+    return target
+
+
+@functools.cache
+def load(variant: str = "native") -> CpuKernels | None:
+    """The CPU kernels, or None (with one logged warning) when they cannot be built or loaded.
+
+    SPQR_KERNELS=reference disables them.
+    """
+    if os.environ.get("SPQR_KERNELS", "").lower() == "reference":
+        return None
+    try:
+        return CpuKernels(ctypes.CDLL(str(build(variant))), variant)
+    except (RuntimeError, OSError) as e:
+        log.warning("spqr: CPU kernels unavailable, using the slower reference path (dequantize + matmul): %s", e)
+        return None
