@@ -1,4 +1,4 @@
-"""Command line: `spqr quantize`, `spqr eval`, `spqr info` — a thin layer over the Python API."""
+"""Command line: `spqr quantize`, `eval`, `info`, `generate`, `bench` — a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -179,6 +179,86 @@ def cmd_info(args: argparse.Namespace) -> dict:
     return acc
 
 
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from spqr.generate import generate, use_reference
+
+    model, tokenizer = load_model(args.model)
+    if args.reference:
+        use_reference(model)
+    ids = _prompt_ids(tokenizer, args.prompt, args.chat)
+    new: list[int] = []
+    printed = 0
+
+    def stream(token: int) -> None:  # print the text's new suffix (tokens can merge into characters)
+        nonlocal printed
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+
+    result = generate(model, ids, args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream)
+    print()
+    print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
+          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {len(result.tokens) - 1} tokens in "
+          f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+    summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
+               "text": tokenizer.decode(result.tokens, skip_special_tokens=True), **result.to_dict()}
+    _write_json(summary, args.json)
+    return summary
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        out, inp = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected OUTxIN (e.g. 4096x11008), got {text!r}") from None
+    if out < 1 or inp < 1:
+        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
+    return out, inp
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
+    from spqr.kernels import cpu
+
+    if args.wbits is not None and not 1 <= args.wbits <= 8:
+        raise ConfigError(f"--wbits must be in 1..8, got {args.wbits}")
+    kernels = cpu.load()
+    summary: dict = {"kernels": kernels.variant if kernels else "reference (C kernels unavailable)",
+                     "threads": torch.get_num_threads(), "memory_bandwidth_gbs": memory_bandwidth_gbs(),
+                     "linear": []}
+    print(f"kernels: {summary['kernels']}, {summary['threads']} threads, "
+          f"read bandwidth {summary['memory_bandwidth_gbs']:.1f} GB/s")
+    for out, inp in args.shapes:
+        for rows in args.rows:
+            r = bench_linear_shape(out, inp, rows, wbits=args.wbits, cold=not args.hot and rows == 1,
+                                   repeats=args.repeats, baselines=(torch.float32,) if rows > 1 else
+                                   (torch.float16, torch.float32))
+            summary["linear"].append(r)
+            base = ", ".join(f"{dt} {r[f'{dt}_ms']:.3f} ms ({r[f'speedup_vs_{dt}']:.2f}x)"
+                             for dt in ("float16", "float32") if f"{dt}_ms" in r)
+            print(f"{out}x{inp} rows={rows}: spqr {r['spqr_ms']:.3f} ms "
+                  f"({r['spqr_packed_gbs']:.1f} GB/s of packed weights); {base}")
+    if args.model:
+        from spqr.generate import generate
+
+        model, tokenizer = load_model(args.model)
+        ids = _prompt_ids(tokenizer, args.prompt, chat=False)
+        result = generate(model, ids, args.tokens, stop_at_eos=False)
+        summary["generation"] = {"model": args.model, **result.to_dict()}
+        print(f"generation: prefill {result.prefill_tokens_per_second:.1f} tokens/s, "
+              f"decode {result.decode_tokens_per_second:.2f} tokens/s ({len(result.tokens)} tokens)")
+    _write_json(summary, args.json)
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spqr", description="SpQR compression of Hugging Face causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -224,6 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", help="checkpoint directory written by `spqr quantize`")
     i.add_argument("--json", help="write the breakdown as JSON to this path")
     i.set_defaults(func=cmd_info)
+    g = sub.add_parser("generate", help="greedy generation from a model or checkpoint, streamed, with tokens/s")
+    g.add_argument("model", nargs="?", default=None, help="checkpoint, model directory or GGUF file (default model)")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--reference", action="store_true", help="quantized layers by dequantize-then-matmul (slow)")
+    g.add_argument("--json", help="write tokens and timings as JSON to this path")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="time the kernels against torch's F.linear, and optionally generation")
+    b.add_argument("--shapes", type=lambda t: [_shape(v) for v in t.split(",")],
+                   default=[(4096, 4096), (11008, 4096), (4096, 11008)], help="OUTxIN list (default: 7B shapes)")
+    b.add_argument("--rows", type=lambda t: [int(v) for v in t.split(",")], default=[1, 64, 512],
+                   help="input rows per call (default 1,64,512)")
+    b.add_argument("--wbits", type=int, default=3, help="weight bits of the synthetic layers (default 3)")
+    b.add_argument("--hot", action="store_true", help="matvec with one weight copy (cache-resident when small)")
+    b.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default 20)")
+    b.add_argument("--model", help="also time greedy generation with this checkpoint or model")
+    b.add_argument("--prompt", default="The history of the Roman Republic", help="prompt for --model")
+    b.add_argument("--tokens", type=int, default=128, help="tokens to generate with --model (default 128)")
+    b.add_argument("--json", help="write the measurements as JSON to this path")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -37,10 +37,7 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
     kernels = kernels or cpu.load()
     if kernels is None or not kernels.supports(spec):
         return reference_linear(spec, t, x)
-    flat = x.reshape(-1, spec.in_features).to(torch.float32)
-    if "perm" in t:
-        flat = flat.index_select(1, t["perm"].to(torch.int64))
-    y = kernels.matmul(spec, t, flat.contiguous())
+    y = kernels.matmul(spec, t, x.reshape(-1, spec.in_features).to(torch.float32).contiguous())
     return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
 
 

@@ -31,7 +31,6 @@ FLAGS = {
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
     "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-DSPQR_PORTABLE"],
 }
-NB = 64  # rows of W per decoded block in spqr_gemm (output rows are padded to a multiple of this)
 
 
 class LayerStruct(ctypes.Structure):
@@ -42,7 +41,8 @@ class LayerStruct(ctypes.Structure):
         (name, ctypes.c_void_p) for name in
         ("qweight", "scale_codes", "zero_codes", "scale_scale", "scale_zero", "zero_scale", "zero_zero",
          "scale_fp16", "zero_fp16", "row_ptr", "outlier_col")] + [
-        ("outlier_col_int32", ctypes.c_int64), ("outlier_val", ctypes.c_void_p)]
+        ("outlier_col_int32", ctypes.c_int64), ("outlier_val", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+        ("perm_int32", ctypes.c_int64)]
 
 
 class CpuKernels:
@@ -56,7 +56,7 @@ class CpuKernels:
         self._gemv.restype = ctypes.c_int
         self._gemm = lib.spqr_gemm
         self._gemm.argtypes = [ctypes.POINTER(LayerStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int]
+                               ctypes.c_int]  # (layer, rows, x, y, threads)
         self._gemm.restype = ctypes.c_int
         self._layers: dict[tuple, LayerStruct] = {}
 
@@ -66,7 +66,7 @@ class CpuKernels:
 
     def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
                gemv_max_rows: int = 2) -> torch.Tensor:
-        """x [M, in] fp32 contiguous, columns already permuted -> [M, out] fp32 (bias not added).
+        """x [M, in] fp32 contiguous (original column order) -> [M, out] fp32 (bias not added).
 
         Up to gemv_max_rows rows go through the matrix-vector kernel one by one, more through the
         matrix-matrix kernel (measured crossover on a 2-core AVX-512 machine: 2-3 rows).
@@ -74,20 +74,14 @@ class CpuKernels:
         layer = self._layer(spec, t)
         threads = torch.get_num_threads()
         rows, n = x.shape[0], spec.out_features
+        y = torch.empty(rows, n, dtype=torch.float32)
         if rows <= gemv_max_rows:
-            y = torch.empty(rows, n, dtype=torch.float32)
             for i in range(rows):
                 if self._gemv(ctypes.byref(layer), x[i].data_ptr(), y[i].data_ptr(), threads):
                     raise MemoryError("spqr_gemv could not allocate its workspace")
-            return y
-        padded_rows = -(-rows // 16) * 16
-        xt = torch.zeros(spec.in_features, padded_rows, dtype=torch.float32)
-        xt[:, :rows] = x.T
-        yt = torch.zeros(-(-n // NB) * NB, padded_rows, dtype=torch.float32)
-        if self._gemm(ctypes.byref(layer), padded_rows, xt.data_ptr(), yt.data_ptr(), threads):
+        elif self._gemm(ctypes.byref(layer), rows, x.data_ptr(), y.data_ptr(), threads):
             raise MemoryError("spqr_gemm could not allocate its workspace")
-        return yt[:n, :rows].T.contiguous()
-
+        return y
 
     def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
         """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec)."""
@@ -113,7 +107,8 @@ def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
         spec.in_features, spec.out_features, spec.wbits, spec.beta1, spec.beta2, spec.qq_bits or 0,
         ptr("qweight"), ptr("scale_codes"), ptr("zero_codes"), ptr("scale_scale"), ptr("scale_zero"),
         ptr("zero_scale"), ptr("zero_zero"), ptr("scale"), ptr("zero"), ptr("outlier_row_ptr"),
-        ptr("outlier_col"), int(t["outlier_col"].dtype == torch.int32), ptr("outlier_val"))
+        ptr("outlier_col"), int(t["outlier_col"].dtype == torch.int32), ptr("outlier_val"), ptr("perm"),
+        int("perm" in t and t["perm"].dtype == torch.int32))
 
 
 def _cache_dir() -> Path:

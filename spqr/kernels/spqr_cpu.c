@@ -6,10 +6,10 @@
  *                  sum_j q_j x_j = sum_b sum_{j: bit b of q_j set} 2^b x_j
  *              so each plane costs one masked FMA (scale * 2^b x) and no code is ever unpacked.
  *              The zero point enters once per group: - scale * zero * sum(x over the group).
- *   spqr_gemm  M input rows (prefill, batches). Tiles of 64 rows x 128 columns of W are decoded
- *              exactly as the reference decoder does ((code - zero) * scale + outlier delta, fp32)
- *              into a buffer that stays in cache, then multiplied with an 8 x 32 register-blocked
- *              FMA micro-kernel. X comes transposed (Xt [K][Mp]) and Y goes out transposed (Yt [Np][Mp]).
+ *   spqr_gemm  M input rows (prefill, batches). X is copied into panels of 32 rows (permutation
+ *              applied); tiles of up to 256 rows x 128 columns of W are decoded exactly as the
+ *              reference decoder does ((code - zero) * scale + outlier delta, fp32) into a buffer
+ *              that stays in cache and multiplied with an 8 x 32 register-blocked FMA micro-kernel.
  * Both handle every wbits/qq_bits in 1..8, any beta1 that is a multiple of 16 (the caller checks),
  * any beta2, ragged shapes, fp16 first-level statistics (qq_bits == 0) and int16/int32 outlier columns.
  * Without AVX-512 (or with -DSPQR_PORTABLE) plain C loops compute the same thing.
@@ -38,6 +38,8 @@ typedef struct {
     const void *outlier_col;              /* int16 or int32 [nnz] */
     int64_t outlier_col_int32;
     const uint16_t *outlier_val;          /* fp16 [nnz] */
+    const void *perm;                     /* int16 or int32 [in], or NULL: x_perm[k] = x[perm[k]] */
+    int64_t perm_int32;
 } spqr_layer;
 
 #define TILE 16 /* output rows per tile: one AVX-512 vector of statistics */
@@ -49,6 +51,11 @@ static inline float half_to_float(uint16_t h) {
 }
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline int64_t perm_index(const spqr_layer *L, int64_t k) {
+    if (!L->perm) return k;
+    return L->perm_int32 ? ((const int32_t *)L->perm)[k] : ((const int16_t *)L->perm)[k];
+}
 
 static inline int64_t outlier_col(const spqr_layer *L, int64_t p) {
     return L->outlier_col_int32 ? ((const int32_t *)L->outlier_col)[p] : ((const int16_t *)L->outlier_col)[p];
@@ -85,11 +92,26 @@ static void tile_stats(const spqr_layer *L, int64_t g, int64_t r0, int n, float 
 /* ---------------------------------------------------------------------------------------------- */
 /* Matrix-vector                                                                                   */
 /* ---------------------------------------------------------------------------------------------- */
+/* Below, x is always in the sweep's column order (x_perm); the entry points gather it. */
 
+/* sum over row r's outliers of delta * x[col] */
 static float outlier_dot(const spqr_layer *L, int64_t r, const float *x) {
+    int32_t p = L->row_ptr[r];
+    const int32_t end = L->row_ptr[r + 1];
     float acc = 0.0f;
-    for (int32_t p = L->row_ptr[r]; p < L->row_ptr[r + 1]; p++)
-        acc += half_to_float(L->outlier_val[p]) * x[outlier_col(L, p)];
+#if SPQR_AVX512
+    __m512 vacc = _mm512_setzero_ps();
+    for (; p < end; p += 16) {
+        const __mmask16 k = end - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - p)) - 1u);
+        const __m512i cols = L->outlier_col_int32
+            ? _mm512_maskz_loadu_epi32(k, (const int32_t *)L->outlier_col + p)
+            : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, (const int16_t *)L->outlier_col + p));
+        const __m512 vals = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, L->outlier_val + p));
+        vacc = _mm512_fmadd_ps(vals, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, cols, x, 4), vacc);
+    }
+    acc = _mm512_reduce_add_ps(vacc);
+#endif
+    for (; p < end; p++) acc += half_to_float(L->outlier_val[p]) * x[outlier_col(L, p)];
     return acc;
 }
 
@@ -223,11 +245,14 @@ static inline __attribute__((always_inline)) void gemv_tile16(const spqr_layer *
 }
 #endif
 
-int spqr_gemv(const spqr_layer *L, const float *x, float *y, int n_threads) {
+/* y [N] = W x for one input row x [K] (original column order). */
+int spqr_gemv(const spqr_layer *L, const float *x_in, float *y, int n_threads) {
     const int64_t N = L->out_features, K = L->in_features, n_groups = ceil_div(K, L->beta1);
     const int64_t n_tiles = ceil_div(N, TILE);
-    float *group_sums = (float *)malloc(sizeof(float) * (size_t)n_groups);
+    float *group_sums = (float *)malloc(sizeof(float) * (size_t)(n_groups + K));
     if (!group_sums) return 1;
+    float *x = group_sums + n_groups; /* x in the sweep's column order */
+    for (int64_t k = 0; k < K; k++) x[k] = x_in[perm_index(L, k)];
     for (int64_t g = 0; g < n_groups; g++) {
         float s = 0.0f;
         const int64_t c1 = (g + 1) * L->beta1 < K ? (g + 1) * L->beta1 : K;
@@ -263,133 +288,182 @@ int spqr_gemv(const spqr_layer *L, const float *x, float *y, int n_threads) {
 /* Matrix-matrix                                                                                   */
 /* ---------------------------------------------------------------------------------------------- */
 
-#define NB 64  /* rows of W decoded at once */
+#define NB 256 /* most rows of W decoded at once (fewer when that would leave threads idle) */
 #define KB 128 /* columns of W decoded at once */
+#define MR 8   /* micro-kernel: MR rows of W x 32 rows of X */
 
-/* Decode W rows r0 .. r0+n-1, columns c0 .. c1-1 into buf [NB][KB] (rows >= n and columns >= c1 zeroed),
- * bit-identical to the reference decoder: (code - zero) * scale, plus the outlier delta. */
-static void decode_block(const spqr_layer *L, int64_t r0, int n, int64_t c0, int64_t c1, float *buf) {
-    const int64_t K = L->in_features, row_words = ceil_div(K, 32) * L->wbits, beta1 = L->beta1;
-    memset(buf, 0, sizeof(float) * NB * KB);
+/* Columns c0 .. c1-1 of rows r0 + (0..15) decoded into dst rows of stride KB (a full tile, AVX-512). */
+#if SPQR_AVX512
+static inline __attribute__((always_inline)) void decode_tile16(const spqr_layer *L, const tile_cursor *cursor,
+                                                                int64_t r0, int64_t c0, int64_t c1, float *dst,
+                                                                const int WB) {
+    const int64_t row_words = ceil_div(L->in_features, 32) * WB, beta1 = L->beta1;
     float scale[TILE], zero[TILE];
+    for (int64_t g = c0 / beta1; g * beta1 < c1; g++) {
+        __m512 s, z;
+        tile_stats16(L, cursor, g, r0, &s, &z);
+        _mm512_storeu_ps(scale, s);
+        _mm512_storeu_ps(zero, z);
+        const int64_t g0 = g * beta1 > c0 ? g * beta1 : c0;
+        const int64_t g1 = (g + 1) * beta1 < c1 ? (g + 1) * beta1 : c1;
+        for (int i = 0; i < TILE; i++) {
+            const int32_t *row = L->qweight + (r0 + i) * row_words;
+            float *out = dst + (int64_t)i * KB - c0;
+            const __m512 si = _mm512_set1_ps(scale[i]), zi = _mm512_set1_ps(zero[i]);
+            int64_t c = g0;
+            for (; c + 16 <= g1; c += 16) { /* c is a multiple of 16: blocks and groups start at multiples of 16 */
+                const char *w = (const char *)(row + (c >> 5) * WB) + ((c >> 4) & 1) * 2;
+                __m512i q = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int b = 0; b < WB; b++) q = _mm512_mask_or_epi32(q, load_mask16(w + b * 4), q, _mm512_set1_epi32(1 << b));
+                _mm512_storeu_ps(out + c, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), zi), si));
+            }
+            for (; c < g1; c++) out[c] = ((float)plane_code(row, WB, c) - zero[i]) * scale[i];
+        }
+    }
+}
+#endif
+
+/* Decode W rows r0 .. r0+n-1 (n <= nb), columns c0 .. c1-1 into buf [nb][KB] (rows >= n, columns >= c1 zeroed),
+ * bit-identical to the reference decoder: (code - zero) * scale, plus the outlier delta.
+ * next_outlier[i] is row r0+i's first outlier not yet applied; blocks must come in increasing c0. */
+static void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0, int64_t c1, float *buf,
+                         int32_t *next_outlier) {
+    const int64_t row_words = ceil_div(L->in_features, 32) * L->wbits, beta1 = L->beta1;
+    if (n < nb || c1 - c0 < KB) memset(buf, 0, sizeof(float) * nb * KB);
     for (int t0 = 0; t0 < n; t0 += TILE) {
         const int tn = n - t0 < TILE ? n - t0 : TILE;
-        for (int64_t g = c0 / beta1; g * beta1 < c1; g++) {
 #if SPQR_AVX512
-            if (tn == TILE) {
-                __m512 s, z;
-                const tile_cursor cursor = tile_cursor_at(L, r0 + t0);
-                tile_stats16(L, &cursor, g, r0 + t0, &s, &z);
-                _mm512_storeu_ps(scale, s);
-                _mm512_storeu_ps(zero, z);
-            } else
+        if (tn == TILE) {
+            const tile_cursor cursor = tile_cursor_at(L, r0 + t0);
+            float *dst = buf + (int64_t)t0 * KB;
+            switch (L->wbits) {
+                case 1: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 1); continue;
+                case 2: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 2); continue;
+                case 3: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 3); continue;
+                case 4: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 4); continue;
+                case 5: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 5); continue;
+                case 6: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 6); continue;
+                case 7: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 7); continue;
+                case 8: decode_tile16(L, &cursor, r0 + t0, c0, c1, dst, 8); continue;
+                default: break;
+            }
+        }
 #endif
-                tile_stats(L, g, r0 + t0, tn, scale, zero);
+        float scale[TILE], zero[TILE];
+        for (int64_t g = c0 / beta1; g * beta1 < c1; g++) {
+            tile_stats(L, g, r0 + t0, tn, scale, zero);
             const int64_t g0 = g * beta1 > c0 ? g * beta1 : c0;
             const int64_t g1 = (g + 1) * beta1 < c1 ? (g + 1) * beta1 : c1;
             for (int i = 0; i < tn; i++) {
                 const int32_t *row = L->qweight + (r0 + t0 + i) * row_words;
-                float *dst = buf + (int64_t)(t0 + i) * KB - c0;
-#if SPQR_AVX512
-                int64_t c = g0;
-                const __m512 s = _mm512_set1_ps(scale[i]), z = _mm512_set1_ps(zero[i]);
-                for (; c + 16 <= g1 && (c & 15) == 0; c += 16) {
-                    const char *w = (const char *)(row + (c >> 5) * L->wbits) + ((c >> 4) & 1) * 2;
-                    __m512i q = _mm512_setzero_si512();
-                    for (int64_t b = 0; b < L->wbits; b++)
-                        q = _mm512_mask_or_epi32(q, load_mask16(w + b * 4), q,
-                                                 _mm512_set1_epi32(1 << b));
-                    _mm512_storeu_ps(dst + c, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), z), s));
-                }
-                for (; c < g1; c++) dst[c] = ((float)plane_code(row, L->wbits, c) - zero[i]) * scale[i];
-#else
-                for (int64_t c = g0; c < g1; c++) dst[c] = ((float)plane_code(row, L->wbits, c) - zero[i]) * scale[i];
-#endif
+                float *out = buf + (int64_t)(t0 + i) * KB - c0;
+                for (int64_t c = g0; c < g1; c++) out[c] = ((float)plane_code(row, L->wbits, c) - zero[i]) * scale[i];
             }
         }
     }
     for (int i = 0; i < n; i++) {
-        const int64_t r = r0 + i;
-        for (int32_t p = L->row_ptr[r]; p < L->row_ptr[r + 1]; p++) {
-            const int64_t c = outlier_col(L, p);
-            if (c >= c0 && c < c1) buf[(int64_t)i * KB + (c - c0)] += half_to_float(L->outlier_val[p]);
-        }
+        int32_t p = next_outlier[i];
+        const int32_t end = L->row_ptr[r0 + i + 1];
+        for (; p < end && outlier_col(L, p) < c1; p++)
+            buf[(int64_t)i * KB + (outlier_col(L, p) - c0)] += half_to_float(L->outlier_val[p]);
+        next_outlier[i] = p;
     }
 }
 
-/* Yt[r0 + i][m] += sum_k buf[i][k] * Xt[c0 + k][m] for i < NB, k < kn, m < Mp (Mp a multiple of 16). */
-static void block_multiply(const float *buf, const float *xt, float *yt, int64_t Mp, int64_t r0, int64_t c0,
-                           int64_t kn) {
-#if SPQR_AVX512
+/* acc[i][m] += sum_k buf[i][k] * X[m][c0 + k] for i < nb, k < kn, m < Mp. acc is [nb][Mp]; X comes in panels
+ * of 32 rows, xp[p][k][j] = X[32 p + j][k], so the micro-kernel reads contiguous memory. */
+static void block_multiply(const float *buf, int nb, const float *xp, float *acc, int64_t K, int64_t Mp,
+                           int64_t c0, int64_t kn) {
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-        const int two = m0 + 32 <= Mp;
-        for (int i0 = 0; i0 < NB; i0 += 8) {
-            __m512 a0[8], a1[8];
-            float *yrow = yt + (r0 + i0) * Mp + m0;
-            for (int i = 0; i < 8; i++) {
-                a0[i] = _mm512_loadu_ps(yrow + i * Mp);
-                a1[i] = two ? _mm512_loadu_ps(yrow + i * Mp + 16) : _mm512_setzero_ps();
-            }
+        const float *panel = xp + (m0 / 32) * K * 32 + c0 * 32;
+        for (int i0 = 0; i0 < nb; i0 += MR) {
+            float *arow = acc + (int64_t)i0 * Mp + m0;
             const float *w = buf + (int64_t)i0 * KB;
-            const float *x = xt + c0 * Mp + m0;
-            if (two) {
-                for (int64_t k = 0; k < kn; k++) {
-                    const __m512 x0 = _mm512_loadu_ps(x + k * Mp), x1 = _mm512_loadu_ps(x + k * Mp + 16);
-                    for (int i = 0; i < 8; i++) {
-                        const __m512 wv = _mm512_set1_ps(w[i * KB + k]);
-                        a0[i] = _mm512_fmadd_ps(wv, x0, a0[i]);
-                        a1[i] = _mm512_fmadd_ps(wv, x1, a1[i]);
-                    }
-                }
-            } else {
-                for (int64_t k = 0; k < kn; k++) {
-                    const __m512 x0 = _mm512_loadu_ps(x + k * Mp);
-                    for (int i = 0; i < 8; i++) a0[i] = _mm512_fmadd_ps(_mm512_set1_ps(w[i * KB + k]), x0, a0[i]);
+#if SPQR_AVX512
+            __m512 a0[MR], a1[MR];
+            for (int i = 0; i < MR; i++) {
+                a0[i] = _mm512_loadu_ps(arow + i * Mp);
+                a1[i] = _mm512_loadu_ps(arow + i * Mp + 16);
+            }
+            for (int64_t k = 0; k < kn; k++) {
+                const __m512 x0 = _mm512_loadu_ps(panel + k * 32), x1 = _mm512_loadu_ps(panel + k * 32 + 16);
+#pragma GCC unroll 8
+                for (int i = 0; i < MR; i++) {
+                    const __m512 wv = _mm512_set1_ps(w[i * KB + k]);
+                    a0[i] = _mm512_fmadd_ps(wv, x0, a0[i]);
+                    a1[i] = _mm512_fmadd_ps(wv, x1, a1[i]);
                 }
             }
-            for (int i = 0; i < 8; i++) {
-                _mm512_storeu_ps(yrow + i * Mp, a0[i]);
-                if (two) _mm512_storeu_ps(yrow + i * Mp + 16, a1[i]);
+            for (int i = 0; i < MR; i++) {
+                _mm512_storeu_ps(arow + i * Mp, a0[i]);
+                _mm512_storeu_ps(arow + i * Mp + 16, a1[i]);
             }
-        }
-    }
 #else
-    for (int i = 0; i < NB; i++) {
-        float *yrow = yt + (r0 + i) * Mp;
-        for (int64_t k = 0; k < kn; k++) {
-            const float wv = buf[(int64_t)i * KB + k];
-            const float *x = xt + (c0 + k) * Mp;
-            for (int64_t m = 0; m < Mp; m++) yrow[m] += wv * x[m];
+            for (int i = 0; i < MR; i++)
+                for (int64_t k = 0; k < kn; k++) {
+                    const float wv = w[i * KB + k];
+                    for (int j = 0; j < 32; j++) arow[i * Mp + j] += wv * panel[k * 32 + j];
+                }
+#endif
         }
     }
-#endif
 }
 
-/* xt: [K][Mp] (X transposed, Mp a multiple of 16); yt: [ceil(N/64)*64][Mp], zero-initialized by the caller. */
-int spqr_gemm(const spqr_layer *L, int64_t Mp, const float *xt, float *yt, int n_threads) {
-    const int64_t N = L->out_features, K = L->in_features, n_blocks = ceil_div(N, NB);
-    if (Mp % 16 != 0) return 2;
+/* y [M][N] = x [M][K] W^T (x in the original column order). */
+int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads) {
+    const int64_t N = L->out_features, K = L->in_features, Mp = ceil_div(M, 32) * 32;
+    int nb = NB; /* large blocks reuse each panel of X more; smaller ones keep every thread busy */
+    while (nb > 64 && ceil_div(N, nb) < 4 * (int64_t)n_threads) nb /= 2;
+    const int64_t n_blocks = ceil_div(N, nb);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(Mp * K));
+    if (!xp) return 1;
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = (float *)aligned_alloc(64, sizeof(float) * NB * KB);
-        if (!buf) {
+        /* panels of X with the permutation applied, in chunks of 64 columns; rows >= M are zero */
+        const int64_t k_chunks = ceil_div(K, 64);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < (Mp / 32) * k_chunks; task++) {
+            const int64_t p = task / k_chunks, k0 = (task % k_chunks) * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            float *panel = xp + p * K * 32;
+            for (int64_t j = 0; j < 32; j++) {
+                const int64_t m = p * 32 + j;
+                if (m < M)
+                    for (int64_t k = k0; k < k1; k++) panel[k * 32 + j] = x[m * K + perm_index(L, k)];
+                else
+                    for (int64_t k = k0; k < k1; k++) panel[k * 32 + j] = 0.0f;
+            }
+        }
+        float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * KB));
+        float *acc = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * Mp));
+        int32_t *next_outlier = (int32_t *)malloc(sizeof(int32_t) * (size_t)nb);
+        if (!buf || !acc || !next_outlier) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
-            if (!buf) continue;
-            const int64_t r0 = blk * NB;
-            const int n = (int)(N - r0 < NB ? N - r0 : NB);
+            if (!buf || !acc || !next_outlier) continue;
+            const int64_t r0 = blk * nb;
+            const int n = (int)(N - r0 < nb ? N - r0 : nb);
+            memset(acc, 0, sizeof(float) * (size_t)(nb * Mp));
+            for (int i = 0; i < n; i++) next_outlier[i] = L->row_ptr[r0 + i];
             for (int64_t c0 = 0; c0 < K; c0 += KB) {
                 const int64_t c1 = c0 + KB < K ? c0 + KB : K;
-                decode_block(L, r0, n, c0, c1, buf);
-                block_multiply(buf, xt, yt, Mp, r0, c0, c1 - c0);
+                decode_block(L, r0, n, nb, c0, c1, buf, next_outlier);
+                block_multiply(buf, nb, xp, acc, K, Mp, c0, c1 - c0);
             }
+            for (int64_t m0 = 0; m0 < M; m0 += 16) /* transpose acc [n][Mp] into y [M][N] in 16 x 16 blocks */
+                for (int i0 = 0; i0 < n; i0 += 16)
+                    for (int64_t m = m0; m < m0 + 16 && m < M; m++)
+                        for (int i = i0; i < i0 + 16 && i < n; i++) y[m * N + r0 + i] = acc[(int64_t)i * Mp + m];
         }
         free(buf);
+        free(acc);
+        free(next_outlier);
     }
+    free(xp);
     return failed;
 }
 

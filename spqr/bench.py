@@ -1,0 +1,84 @@
+"""Speed measurements of the kernels against torch's dense F.linear, and of generation.
+
+Everything is a ratio measured in the same run (these machines are noisy). Matrix-vector
+timings are taken "cold" by default: each call uses the next of several copies of the weights,
+enough copies that they do not fit in the last-level cache, as in a real model where every layer's
+weights are read once per token. Used by `spqr bench` and benchmarks/cpu_inference.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spqr import kernels
+from spqr.format.layout import PackedLinear
+from spqr.format.synthetic import random_packed_layer
+
+
+def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of fn(i) over `repeats` calls (i counts calls, to pick a weight copy)."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(warmup + i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs); 64 MiB when unknown."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=64 * 2**20)
+
+
+def memory_bandwidth_gbs(size_bytes: int = 2**30) -> float:
+    """Read bandwidth in GB/s: torch.sum over a buffer far larger than the caches."""
+    buffer = torch.ones(size_bytes // 4)
+    return size_bytes / median_seconds(lambda _: buffer.sum(), 5) / 1e9
+
+
+def packed_bytes(packed: PackedLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in packed.tensors.values())
+
+
+def _copies(make: Callable[[], object], nbytes: int, cold: bool, pool_bytes: int) -> list:
+    count = max(1, min(64, -(-pool_bytes // max(nbytes, 1)))) if cold else 1
+    return [make() for _ in range(count)]
+
+
+def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: int = 3, beta1: int = 16,
+                       beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
+                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32)) -> dict:
+    """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype."""
+    pool = 2 * last_level_cache_bytes() if cold else 0
+    layer = random_packed_layer(out_features, in_features, wbits, beta1, beta2, 3, outlier_share, seed=0)
+    layers = _copies(lambda: {k: v.clone() for k, v in layer.tensors.items()}, packed_bytes(layer), cold, pool)
+    x = torch.randn(rows, in_features)
+    spqr_s = median_seconds(lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x), repeats)
+    result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
+              "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
+              "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "spqr_ms": 1e3 * spqr_s,
+              "spqr_packed_gbs": packed_bytes(layer) / spqr_s / 1e9}
+    del layers
+    for dtype in baselines:
+        nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
+        weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features).to(dt), nbytes, cold, pool)
+        xd = x.to(dtype)
+        seconds = median_seconds(lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)]), repeats)
+        name = str(dtype).removeprefix("torch.")
+        result[f"{name}_ms"] = 1e3 * seconds
+        result[f"speedup_vs_{name}"] = seconds / spqr_s
+        del weights
+    return result
