@@ -71,7 +71,7 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
               "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
               "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "spqr_ms": 1e3 * spqr_s,
               "spqr_packed_gbs": packed_bytes(layer) / spqr_s / 1e9}
-    del layers
+    layers.clear()  # free the copies before allocating the baselines
     for dtype in baselines:
         nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
         weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features).to(dt), nbytes, cold, pool)

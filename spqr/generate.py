@@ -51,17 +51,16 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
 
     start = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True)
-    token = int(out.logits[0, -1].argmax())
+    token = int(out["logits"][0, -1].argmax())
     prefill = time.perf_counter() - start
     tokens = [token]
     if on_token:
         on_token(token)
-    past = out.past_key_values
+    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x renamed the KV cache
     start = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in eos_ids:
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = int(out.logits[0, -1].argmax())
+        out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_key: out[cache_key]})
+        token = int(out["logits"][0, -1].argmax())
         tokens.append(token)
         if on_token:
             on_token(token)

@@ -1,0 +1,168 @@
+"""The C kernels (AVX-512 and portable builds) against the exact reference decoder."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from spqr import kernels
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer
+from spqr.format.packing import pack_bitplanes
+from spqr.format.synthetic import random_packed_layer
+from spqr.kernels import cpu
+
+VARIANTS = ("native", "portable")
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def kern(request) -> cpu.CpuKernels:
+    k = cpu.load(request.param)
+    if k is None:
+        pytest.fail(f"the {request.param} CPU kernels did not build on this machine (see the logged reason)")
+    return k
+
+
+def _check(layer: PackedLinear, kern: cpu.CpuKernels, rows: int, seed: int = 0, scale: float = 1.0) -> None:
+    """Kernel output vs float64 x @ Wᵀ of the reference decoder, within fp32 rounding of the sum of |terms|."""
+    weight = dequantize_layer(layer.spec, layer.tensors).double()
+    x = scale * torch.randn(rows, layer.spec.in_features, generator=torch.Generator().manual_seed(seed))
+    y = kernels.cpu_linear(layer.spec, layer.tensors, x, kern).double()
+    exact = x.double() @ weight.T
+    bound = x.double().abs() @ weight.abs().T
+    tolerance = 4 * layer.spec.in_features * torch.finfo(torch.float32).eps * bound + 1e-30
+    worst = float(((y - exact).abs() / tolerance).max())
+    assert worst <= 1.0, f"error {worst:.2f}x the fp32 tolerance"
+    # and far below it in practice: the kernels sum in fp32 like a dense matmul does
+    assert float(((y - exact).abs() / (bound + 1e-30)).max()) < 1e-5
+
+
+SHAPES = [(64, 64), (37, 50), (16, 16), (1, 1), (100, 200), (33, 130), (48, 96), (257, 31)]
+
+
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])
+def test_random_shapes(kern, out_features, in_features, rows):
+    layer = random_packed_layer(out_features, in_features, 3, 16, 16, 3, 0.02, seed=out_features + in_features)
+    _check(layer, kern, rows)
+
+
+@pytest.mark.parametrize("wbits", range(1, 9))
+@pytest.mark.parametrize("rows", [1, 33])
+def test_every_bit_width(kern, wbits, rows):
+    _check(random_packed_layer(48, 80, wbits, 16, 16, 3, 0.01, seed=wbits), kern, rows)
+
+
+@pytest.mark.parametrize("beta1,beta2,qq_bits", [(32, 16, 3), (64, 8, 2), (128, 7, 3), (16, 1, 4), (48, 48, 8),
+                                                (16, 16, None), (64, 16, None)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_group_sizes_and_statistics(kern, beta1, beta2, qq_bits, rows):
+    _check(random_packed_layer(70, 200, 3, beta1, beta2, qq_bits, 0.01, seed=beta1 + beta2), kern, rows)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, 0.3])
+@pytest.mark.parametrize("perm", [True, False])
+def test_outliers_and_permutation(kern, share, perm):
+    layer = random_packed_layer(40, 96, 3, 16, 16, 3, share, perm=perm, seed=3)
+    if share == 0.0:
+        assert layer.outlier_count == 0
+    for rows in (1, 7):
+        _check(layer, kern, rows)
+
+
+def test_all_outlier_rows_and_empty_rows(kern):
+    layer = random_packed_layer(32, 64, 4, 16, 16, 3, 0.0, seed=1)
+    t = dict(layer.tensors)
+    rows = torch.tensor([0] * 64 + [5] * 64 + [31] * 64)  # rows 0, 5 and 31 are outliers in every column
+    t["outlier_row_ptr"] = torch.cat([torch.zeros(1, dtype=torch.int64),
+                                      torch.bincount(rows, minlength=32).cumsum(0)]).to(torch.int32)
+    t["outlier_col"] = torch.arange(64).repeat(3).to(torch.int16)
+    t["outlier_val"] = torch.randn(192).half()
+    for n in (1, 2, 20):
+        _check(PackedLinear(layer.spec, t), kern, n)
+
+
+def test_int32_indices_for_wide_layers(kern):
+    layer = random_packed_layer(17, 33000, 2, 16, 16, 3, 0.001, seed=2)
+    assert layer.tensors["outlier_col"].dtype == torch.int32 and layer.tensors["perm"].dtype == torch.int32
+    _check(layer, kern, 1)
+    _check(layer, kern, 3)
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1e4])
+def test_extreme_statistics_and_inputs(kern, magnitude):
+    """Huge/tiny second-level grids (zeros far outside the code range) and inputs of extreme scale."""
+    spec = LayerSpec(64, 48, 3, 16, 16, 3, False, False)
+    g = torch.Generator().manual_seed(0)
+    t = {"qweight": pack_bitplanes(torch.randint(0, 8, (48, 64), generator=g), 3),
+         "outlier_row_ptr": torch.zeros(49, dtype=torch.int32), "outlier_col": torch.zeros(0, dtype=torch.int16),
+         "outlier_val": torch.zeros(0, dtype=torch.float16)}
+    for stat in ("scale", "zero"):
+        t[f"{stat}_codes"] = pack_bitplanes(torch.randint(0, 8, (4, 48), generator=g), 3)
+        t[f"{stat}_scale"] = torch.full((4, 3), magnitude).half()
+        t[f"{stat}_zero"] = torch.full((4, 3), -100.0 if magnitude > 1 else 3.0).half()
+    layer = PackedLinear(spec, t)
+    for rows in (1, 40):
+        _check(layer, kern, rows, scale=1 / magnitude)
+
+
+@pytest.mark.parametrize("perm", [True, False])
+def test_matrix_kernel_decodes_bit_exactly(kern, perm):
+    """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit."""
+    layer = random_packed_layer(70, 150, 3, 16, 16, 3, 0.05, perm=perm, seed=4)
+    y = kern.matmul(layer.spec, layer.tensors, torch.eye(150))
+    assert torch.equal(y.T, dequantize_layer(layer.spec, layer.tensors))
+
+
+def test_beta1_not_a_multiple_of_16_uses_the_reference_path():
+    layer = random_packed_layer(20, 40, 3, 24, 16, 3, 0.02, seed=5)
+    assert not cpu.CpuKernels.supports(layer.spec)
+    x = torch.randn(3, 40)
+    assert torch.equal(kernels.cpu_linear(layer.spec, layer.tensors, x),
+                       kernels.reference_linear(layer.spec, layer.tensors, x))
+
+
+def test_registered_op_matches_reference_and_has_a_fake_kernel():
+    layer = random_packed_layer(40, 64, 3, 16, 16, 3, 0.02, seed=6)
+    x = torch.randn(2, 5, 64)
+    y = kernels.linear(layer.spec, layer.tensors, x)
+    assert y.shape == (2, 5, 40)
+    torch.testing.assert_close(y, kernels.reference_linear(layer.spec, layer.tensors, x), rtol=1e-5, atol=1e-6)
+    t = layer.tensors
+    args = (x, t["qweight"], [t[n] for n in kernels.stat_names(layer.spec)], t["perm"], t["outlier_row_ptr"],
+            t["outlier_col"], t["outlier_val"], [64, 40, 3, 16, 16, 3])
+    torch.library.opcheck(torch.ops.spqr.linear.default, args, test_utils=("test_schema", "test_faketensor"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.ops.spqr.linear(torch.empty(7, 64), *args[1:])
+    assert fake.shape == (7, 40)
+
+
+def test_reference_only_mode_and_build_failure(monkeypatch, caplog, tmp_path):
+    cpu.load.cache_clear()
+    try:
+        monkeypatch.setenv("SPQR_KERNELS", "reference")
+        assert cpu.load() is None
+        cpu.load.cache_clear()
+        monkeypatch.delenv("SPQR_KERNELS")
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        monkeypatch.setenv("SPQR_CACHE_DIR", str(tmp_path))  # nothing cached there: a build is needed
+        with caplog.at_level(logging.WARNING):
+            assert cpu.load() is None
+        assert "reference path" in caplog.text
+        layer = random_packed_layer(20, 32, 3, 16, 16, 3, 0.02, seed=7)
+        x = torch.randn(2, 32)  # still correct, through the reference path
+        assert torch.equal(kernels.cpu_linear(layer.spec, layer.tensors, x),
+                           kernels.reference_linear(layer.spec, layer.tensors, x))
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_non_contiguous_buffers_are_refused(kern):
+    layer = random_packed_layer(16, 64, 3, 16, 16, 3, 0.0, seed=8)
+    t = dict(layer.tensors)
+    t["qweight"] = torch.cat([t["qweight"], t["qweight"]], dim=1)[:, ::2]
+    with pytest.raises(ValueError, match="qweight must be a contiguous CPU tensor"):
+        kern.matmul(layer.spec, t, torch.randn(1, 64))
