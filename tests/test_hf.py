@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spqr.config import QuantConfig, preset
-from spqr.format.io import CheckpointError
+from spqr.format.io import FORMAT_VERSION, CheckpointError
 from spqr.hf import (
     ModelLoadError,
     default_model_path,
@@ -118,7 +118,7 @@ def test_config_json_contents(quantized_llama):
     original, model, ckpt = quantized_llama
     cfg = json.loads((ckpt / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "spqr_packed" and qc["format_version"] == 1
+    assert qc["quant_method"] == "spqr_packed" and qc["format_version"] == FORMAT_VERSION == 2
     assert qc["wbits"] == 3 and qc["beta1"] == 16 and qc["outlier_threshold"] == 0.1
     assert set(qc["modules"]) == set(decoder_linear_names(original))
     for name, spec in qc["modules"].items():
@@ -240,6 +240,23 @@ def _edit_config(directory, edit):
     cfg = json.loads(path.read_text())
     edit(cfg)
     path.write_text(json.dumps(cfg))
+
+
+def test_format_version_1_is_upgraded_on_load(ckpt_copy, quantized_llama):
+    """Version 1 stored the bilevel statistics group-major; such checkpoints load to the same model."""
+    from spqr.format.io import read_weights, write_weights
+
+    tensors = read_weights(ckpt_copy, None)
+    for name in list(tensors):
+        if name.endswith(("scale_codes", "zero_codes")):
+            tensors[name] = tensors[name].transpose(0, 1).contiguous()
+        elif name.endswith(("scale_scale", "scale_zero", "zero_scale", "zero_zero")):
+            tensors[name] = tensors[name].T.contiguous()
+    checksums = write_weights(ckpt_copy, tensors)
+    _edit_config(ckpt_copy, lambda c: c["quantization_config"].update(format_version=1, checksums=checksums))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(load_quantized(ckpt_copy)(ids).logits, load_quantized(quantized_llama[2])(ids).logits)
 
 
 def test_newer_format_version_is_rejected(ckpt_copy):

@@ -5,10 +5,10 @@ For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm])
 | tensor            | dtype        | shape                              | content                                  |
 |-------------------|--------------|------------------------------------|------------------------------------------|
 | qweight           | int32        | [out, ceil(in/32), wbits]          | bit-planes of the weight codes of W_perm |
-| scale_codes       | int32        | [n_groups, ceil(out/32), qq_bits]  | bit-planes of first-level scale codes    |
-| scale_scale/_zero | fp16         | [n_groups, ceil(out/beta2)]        | second-level grid of the scales          |
-| zero_codes        | int32        | [n_groups, ceil(out/32), qq_bits]  | bit-planes of first-level zero codes     |
-| zero_scale/_zero  | fp16         | [n_groups, ceil(out/beta2)]        | second-level grid of the zeros           |
+| scale_codes       | int32        | [ceil(out/32), n_groups, qq_bits]  | bit-planes of first-level scale codes    |
+| scale_scale/_zero | fp16         | [ceil(out/beta2), n_groups]        | second-level grid of the scales          |
+| zero_codes        | int32        | [ceil(out/32), n_groups, qq_bits]  | bit-planes of first-level zero codes     |
+| zero_scale/_zero  | fp16         | [ceil(out/beta2), n_groups]        | second-level grid of the zeros           |
 | scale, zero       | fp16         | [n_groups, out]                    | instead of the above when qq_bits is None|
 | perm              | int16/int32  | [in]                               | sweep order (absent for identity)        |
 | outlier_row_ptr   | int32        | [out + 1]                          | CSR row pointers                         |
@@ -18,6 +18,9 @@ For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm])
 
 n_groups = ceil(in / beta1); a ragged last group (or row group) simply has fewer members.
 Decoding: W_perm[r, c] = (code - zero[g, r]) * scale[g, r] + outlier delta, g = c // beta1.
+The bilevel statistics are stored row-block-major (format version 2) so that a kernel working on a
+block of output rows reads its statistics for all groups contiguously; format version 1 stored them
+group-major ([n_groups, ...]) and is converted on load (`upgrade_from_version_1`).
 """
 
 from __future__ import annotations
@@ -85,9 +88,9 @@ class LayerSpec:
             expected["scale"] = ((n_groups, out), torch.float16)
             expected["zero"] = ((n_groups, out), torch.float16)
         else:
-            second = (n_groups, -(-out // self.beta2))
+            second = (-(-out // self.beta2), n_groups)
             for stat in ("scale", "zero"):
-                expected[f"{stat}_codes"] = (packed_shape((n_groups, out), self.qq_bits), torch.int32)
+                expected[f"{stat}_codes"] = ((-(-out // 32), n_groups, self.qq_bits), torch.int32)
                 expected[f"{stat}_scale"] = (second, torch.float16)
                 expected[f"{stat}_zero"] = (second, torch.float16)
         if self.has_perm:
@@ -114,9 +117,9 @@ class PackedLinear:
             if qq_bits is None:
                 t[name] = stat.fp16_values
             else:
-                t[f"{name}_codes"] = pack_bitplanes(stat.codes, qq_bits)
-                t[f"{name}_scale"] = stat.second_scale
-                t[f"{name}_zero"] = stat.second_zero
+                t[f"{name}_codes"] = pack_bitplanes(stat.codes, qq_bits).transpose(0, 1)
+                t[f"{name}_scale"] = stat.second_scale.T
+                t[f"{name}_zero"] = stat.second_zero.T
         if qw.perm is not None:
             t["perm"] = qw.perm.to(spec.index_dtype)
         rows, cols = qw.outlier_mask.nonzero(as_tuple=True)  # row-major: columns ascend within a row
@@ -145,9 +148,18 @@ def _stat_values(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> torc
     if spec.qq_bits is None:
         stat = QuantizedStat(None, None, None, t[name])
     else:
-        codes = unpack_bitplanes(t[f"{name}_codes"], spec.qq_bits, spec.out_features)
-        stat = QuantizedStat(codes, t[f"{name}_scale"], t[f"{name}_zero"], None)
+        codes = unpack_bitplanes(t[f"{name}_codes"].transpose(0, 1), spec.qq_bits, spec.out_features)
+        stat = QuantizedStat(codes, t[f"{name}_scale"].T, t[f"{name}_zero"].T, None)
     return dequantize_stat(stat, spec.beta2)
+
+
+def upgrade_from_version_1(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of a format version 1 checkpoint in the current layout (group-major statistics transposed)."""
+    if key.endswith("_codes") and tensor.ndim == 3:
+        return tensor.transpose(0, 1).contiguous()
+    if key in ("scale_scale", "scale_zero", "zero_scale", "zero_zero") and tensor.ndim == 2:
+        return tensor.T.contiguous()
+    return tensor
 
 
 def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:

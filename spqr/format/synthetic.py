@@ -24,10 +24,10 @@ def random_packed_layer(out_features: int, in_features: int, wbits: int = 3, bet
         t["scale"] = (0.1 / 2**wbits * (0.5 + torch.rand(n_groups, out_features, generator=g))).half()
         t["zero"] = ((2**wbits - 1) * torch.rand(n_groups, out_features, generator=g)).half()
     else:
-        second = (n_groups, -(-out_features // beta2))
+        second = (-(-out_features // beta2), n_groups)
         for stat, (lo, hi) in (("scale", (0.05 / 2**wbits, 0.15 / 2**wbits)), ("zero", (0.0, 2**wbits - 1.0))):
             codes = torch.randint(0, 2**qq_bits, (n_groups, out_features), generator=g)
-            t[f"{stat}_codes"] = pack_bitplanes(codes, qq_bits)
+            t[f"{stat}_codes"] = pack_bitplanes(codes, qq_bits).transpose(0, 1).contiguous()
             t[f"{stat}_scale"] = torch.full(second, (hi - lo) / (2**qq_bits - 1)).half()
             t[f"{stat}_zero"] = torch.full(second, -lo / ((hi - lo) / (2**qq_bits - 1))).half()
     if perm:

@@ -31,8 +31,8 @@ typedef struct {
     int64_t in_features, out_features;
     int64_t wbits, beta1, beta2, qq_bits; /* qq_bits == 0: first-level statistics stored as fp16 */
     const int32_t *qweight;               /* [out][ceil(in/32)][wbits] bit-planes */
-    const int32_t *scale_codes, *zero_codes;               /* [n_groups][ceil(out/32)][qq_bits] */
-    const uint16_t *scale_scale, *scale_zero, *zero_scale, *zero_zero; /* fp16 [n_groups][ceil(out/beta2)] */
+    const int32_t *scale_codes, *zero_codes;               /* [ceil(out/32)][n_groups][qq_bits] */
+    const uint16_t *scale_scale, *scale_zero, *zero_scale, *zero_zero; /* fp16 [ceil(out/beta2)][n_groups] */
     const uint16_t *scale_fp16, *zero_fp16;                /* fp16 [n_groups][out] when qq_bits == 0 */
     const int32_t *row_ptr;               /* [out + 1] */
     const void *outlier_col;              /* int16 or int32 [nnz] */
@@ -61,13 +61,18 @@ static inline int64_t outlier_col(const spqr_layer *L, int64_t p) {
     return L->outlier_col_int32 ? ((const int32_t *)L->outlier_col)[p] : ((const int16_t *)L->outlier_col)[p];
 }
 
-/* Code of row r in bit-plane words [ceil(n/32)][bits]. */
-static inline int32_t plane_code(const int32_t *words, int64_t bits, int64_t index) {
-    const int32_t *w = words + (index / 32) * bits;
+/* Code `index` of bit-plane words [ceil(n/32)][bits], whose chunks lie `stride` words apart. */
+static inline int32_t plane_code_strided(const int32_t *words, int64_t bits, int64_t index, int64_t stride) {
+    const int32_t *w = words + (index / 32) * stride;
     int shift = (int)(index & 31);
     int32_t code = 0;
     for (int64_t b = 0; b < bits; b++) code |= (int32_t)((((uint32_t)w[b]) >> shift) & 1u) << b;
     return code;
+}
+
+/* Code `index` of contiguous bit-plane words [ceil(n/32)][bits] (a row of weight codes). */
+static inline int32_t plane_code(const int32_t *words, int64_t bits, int64_t index) {
+    return plane_code_strided(words, bits, index, bits);
 }
 
 /* First-level scale and zero of output rows r0 .. r0+n-1 in group g, as the reference decodes them. */
@@ -80,12 +85,14 @@ static void tile_stats(const spqr_layer *L, int64_t g, int64_t r0, int n, float 
         }
         return;
     }
-    const int64_t words_per_group = ceil_div(out, 32) * qq, n2 = ceil_div(out, L->beta2);
-    const int32_t *sc = L->scale_codes + g * words_per_group, *zc = L->zero_codes + g * words_per_group;
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1);
+    const int32_t *sc = L->scale_codes + g * qq, *zc = L->zero_codes + g * qq;
     for (int i = 0; i < n; i++) {
-        const int64_t r = r0 + i, s2 = g * n2 + r / L->beta2;
-        scale[i] = ((float)plane_code(sc, qq, r) - half_to_float(L->scale_zero[s2])) * half_to_float(L->scale_scale[s2]);
-        zero[i] = ((float)plane_code(zc, qq, r) - half_to_float(L->zero_zero[s2])) * half_to_float(L->zero_scale[s2]);
+        const int64_t r = r0 + i, s2 = (r / L->beta2) * n_groups + g;
+        scale[i] = ((float)plane_code_strided(sc, qq, r, n_groups * qq) - half_to_float(L->scale_zero[s2])) *
+                   half_to_float(L->scale_scale[s2]);
+        zero[i] = ((float)plane_code_strided(zc, qq, r, n_groups * qq) - half_to_float(L->zero_zero[s2])) *
+                  half_to_float(L->zero_scale[s2]);
     }
 }
 
@@ -162,16 +169,17 @@ static tile_cursor tile_cursor_at(const spqr_layer *L, int64_t r0) {
     }
     c.mode = L->beta2 % TILE == 0 ? 1 : 2;
     c.qq = qq;
-    c.code_stride = ceil_div(out, 32) * qq * 4;
-    const int64_t code_offset = (r0 / 32) * qq * 4 + ((r0 & 31) / 8);
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1);
+    c.code_stride = qq * 4;
+    const int64_t code_offset = (r0 / 32) * n_groups * qq * 4 + ((r0 & 31) / 8);
     c.scale_codes = (const char *)L->scale_codes + code_offset;
     c.zero_codes = (const char *)L->zero_codes + code_offset;
-    const int64_t s2 = r0 / L->beta2;
+    const int64_t s2 = (r0 / L->beta2) * n_groups;
     c.scale_scale = L->scale_scale + s2;
     c.scale_zero = L->scale_zero + s2;
     c.zero_scale = L->zero_scale + s2;
     c.zero_zero = L->zero_zero + s2;
-    c.second_stride = ceil_div(out, L->beta2);
+    c.second_stride = 1;
     return c;
 }
 

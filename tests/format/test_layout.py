@@ -121,13 +121,15 @@ def _plain_decode(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if spec.qq_bits is None:
             return t[name].float()
         maxq = 2**spec.qq_bits - 1
-        codes = torch.tensor([ref_unpack_row(t[f"{name}_codes"][g].tolist(), spec.qq_bits, out)
+        # [ceil(out/32), n_groups, qq_bits]: for group g, the words of consecutive 32-row chunks
+        words = t[f"{name}_codes"]
+        codes = torch.tensor([ref_unpack_row(words[:, g].tolist(), spec.qq_bits, out)
                               for g in range(spec.n_groups)]).float()
-        s2 = t[f"{name}_scale"].float()
+        s2 = t[f"{name}_scale"].float()  # [ceil(out/beta2), n_groups]
         z2 = t[f"{name}_zero"].float()
         rows = torch.arange(out) // spec.beta2
         assert int(codes.max()) <= maxq
-        return (codes - z2[:, rows]) * s2[:, rows]
+        return (codes - z2[rows].T) * s2[rows].T
 
     scale, zero = stat("scale"), stat("zero")
     W = torch.zeros(out, inp)

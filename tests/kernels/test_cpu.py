@@ -98,10 +98,10 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
     t = {"qweight": pack_bitplanes(torch.randint(0, 8, (48, 64), generator=g), 3),
          "outlier_row_ptr": torch.zeros(49, dtype=torch.int32), "outlier_col": torch.zeros(0, dtype=torch.int16),
          "outlier_val": torch.zeros(0, dtype=torch.float16)}
-    for stat in ("scale", "zero"):
-        t[f"{stat}_codes"] = pack_bitplanes(torch.randint(0, 8, (4, 48), generator=g), 3)
-        t[f"{stat}_scale"] = torch.full((4, 3), magnitude).half()
-        t[f"{stat}_zero"] = torch.full((4, 3), -100.0 if magnitude > 1 else 3.0).half()
+    for stat in ("scale", "zero"):  # 4 groups x 48 rows; second level per 16 rows
+        t[f"{stat}_codes"] = pack_bitplanes(torch.randint(0, 8, (4, 48), generator=g), 3).transpose(0, 1).contiguous()
+        t[f"{stat}_scale"] = torch.full((3, 4), magnitude).half()
+        t[f"{stat}_zero"] = torch.full((3, 4), -100.0 if magnitude > 1 else 3.0).half()
     layer = PackedLinear(spec, t)
     for rows in (1, 40):
         _check(layer, kern, rows, scale=1 / magnitude)
