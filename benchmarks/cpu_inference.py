@@ -6,8 +6,9 @@
    torch fp16 and fp32 F.linear (cold caches: weights rotate through copies larger than the LLC);
    achieved GB/s of the packed bytes against the machine's read bandwidth. Also 2 and 4 bits.
 2. Matrix-matrix with 64 and 512 input rows against fp32 F.linear.
-3. Greedy generation of 128 tokens with the 3-bit SmolLM2 checkpoint: fp32 model vs kernels vs the
-   dequantize-reference model (prefill and decode tokens/s; do the kernel tokens match the reference's?).
+3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
+   model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
+   tokens match the reference's?).
 4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers.
 5. Resident memory of the loaded checkpoint against its fp16 weights.
 """
@@ -24,12 +25,12 @@ from pathlib import Path
 import torch
 
 from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
+from spqr.data import load_text, tokenize
 from spqr.generate import generate, use_reference
 from spqr.hf import find_decoder_blocks, load_model, load_quantized
 from spqr.kernels import cpu
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-PROMPT = "The history of the Roman Republic begins with"
 
 
 def log(msg: str) -> None:
@@ -64,17 +65,18 @@ def _generation(model, ids: torch.Tensor, tokens: int) -> dict:
     return result.to_dict()
 
 
-def smollm2_section(checkpoint: Path, tokens: int) -> dict:
+def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
     baseline, tokenizer = load_model(None)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    ids = tokenize(tokenizer, load_text("wikitext2", "test"))[:prompt_tokens].view(1, -1)
     fp32 = _generation(baseline, ids, tokens)
     del baseline
     model = load_quantized(checkpoint)
     spqr = _generation(model, ids, tokens)
     reference = _generation(use_reference(model), ids, tokens)
-    same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1],
-                                                             zip(spqr["tokens"], reference["tokens"])))
-    result = {"checkpoint": str(checkpoint), "prompt": PROMPT, "fp32": fp32, "spqr": spqr, "reference": reference,
+    same = next((i for i, (a, b) in enumerate(zip(spqr["tokens"], reference["tokens"])) if a != b),
+                len(spqr["tokens"]))
+    result = {"checkpoint": str(checkpoint), "prompt": f"first {prompt_tokens} tokens of wikitext2 test",
+              "fp32": fp32, "spqr": spqr, "reference": reference,
               "tokens_match_reference": spqr["tokens"] == reference["tokens"], "matching_prefix": same,
               "decode_speedup_vs_fp32": spqr["decode_tokens_per_second"] / fp32["decode_tokens_per_second"],
               "prefill_speedup_vs_fp32": spqr["prefill_tokens_per_second"] / fp32["prefill_tokens_per_second"],
@@ -117,38 +119,49 @@ def synthetic_llama_section(tokens: int) -> dict:
 RSS_SCRIPT = """
 import json, sys
 import spqr, transformers, torch
+from spqr.nn import SpQRLinear
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) * 1024
+from accelerate import init_empty_weights
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+with init_empty_weights():  # import the model's code first: its import is not the model's memory
+    transformers.AutoModelForCausalLM.from_config(config)
 before = rss()
-model = spqr.load_quantized(sys.argv[1])
+model = spqr.load_quantized(sys.argv[1], dtype=getattr(torch, sys.argv[2]) if sys.argv[2] != 'stored' else None)
 after = rss()
-params = sum(p.numel() for p in model.parameters())
-from spqr.nn import SpQRLinear
-quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, SpQRLinear))
+layers = [m for m in model.modules() if isinstance(m, SpQRLinear)]
+quantized = sum(m.in_features * m.out_features for m in layers)
 print(json.dumps({"rss_before_bytes": before, "rss_after_bytes": after, "loaded_bytes": after - before,
-                  "unquantized_parameters": params, "quantized_weights": quantized,
-                  "fp16_weight_bytes": 2 * (params + quantized)}))
+                  "fp16_weight_bytes": 2 * (sum(p.numel() for p in model.parameters()) + quantized),
+                  "quantized_layer_bytes": sum(b.numel() * b.element_size() for m in layers for b in m.buffers()),
+                  "quantized_layer_fp16_bytes": 2 * quantized}))
 """
 
 
 def memory_section(checkpoint: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(checkpoint)], capture_output=True, text=True,
-                         check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    r["ratio_to_fp16"] = r["loaded_bytes"] / r["fp16_weight_bytes"]
-    r["meets_one_third"] = r["ratio_to_fp16"] <= 1 / 3
-    log(f"resident memory of the loaded checkpoint: {r['loaded_bytes'] / 2**20:.1f} MiB = "
-        f"{r['ratio_to_fp16']:.3f} of its fp16 weights ({r['fp16_weight_bytes'] / 2**20:.1f} MiB)")
-    return r
+    result = {}
+    for dtype in ("stored", "bfloat16"):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(checkpoint), dtype], capture_output=True,
+                             text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["ratio_to_fp16"] = r["loaded_bytes"] / r["fp16_weight_bytes"]
+        r["quantized_layers_ratio_to_fp16"] = r["quantized_layer_bytes"] / r["quantized_layer_fp16_bytes"]
+        r["meets_one_third"] = r["ratio_to_fp16"] <= 1 / 3
+        log(f"resident memory, unquantized parts {dtype}: {r['loaded_bytes'] / 2**20:.1f} MiB = "
+            f"{r['ratio_to_fp16']:.3f} of the fp16 model's weights ({r['fp16_weight_bytes'] / 2**20:.1f} MiB); "
+            f"quantized layers alone {r['quantized_layers_ratio_to_fp16']:.3f} of their fp16 size")
+        result[dtype] = r
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("out/smollm2-spqr-w3"),
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
     parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "smollm2", "llama", "memory"])
     parser.add_argument("--out", type=Path, default=Path("results/cpu_inference.json"))
@@ -164,7 +177,7 @@ def main() -> None:
     if "kernels" not in args.skip:
         result["kernels"] = kernel_section()
     if "smollm2" not in args.skip:
-        result["smollm2"] = smollm2_section(args.checkpoint, args.tokens)
+        result["smollm2"] = smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens)
     if "llama" not in args.skip:
         result["synthetic_llama"] = synthetic_llama_section(args.llama_tokens)
     if "memory" not in args.skip:

@@ -179,6 +179,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
     return acc
 
 
+_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -189,7 +192,7 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from spqr.generate import generate, use_reference
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
     if args.reference:
         use_reference(model)
     ids = _prompt_ids(tokenizer, args.prompt, args.chat)
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--reference", action="store_true", help="quantized layers by dequantize-then-matmul (slow)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the unquantized parts (embeddings, norms, lm_head); default: as stored / float32")
     g.add_argument("--json", help="write tokens and timings as JSON to this path")
     g.set_defaults(func=cmd_generate)
 

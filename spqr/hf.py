@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 from pathlib import Path
@@ -52,10 +53,20 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME
 
 
-def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32):
+def release_freed_memory() -> None:
+    """Hand freed memory back to the OS (glibc keeps it in its heaps otherwise, and resident memory
+    stays at its peak: e.g. a block's weights per quantized block, or a checkpoint's fp32 copy after a cast)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def load_model(source: str | Path | None = None, dtype: torch.dtype | None = None):
     """Load (model, tokenizer) from a HF directory, a GGUF file, one of our checkpoints, or the default.
 
-    GGUF weights are dequantized to `dtype` by transformers (needs the `gguf` package).
+    dtype: of the model's parameters (default float32; a checkpoint's unquantized tensors default to
+    their stored dtype). GGUF weights are dequantized to it by transformers (needs the `gguf` package).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,7 +74,8 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.floa
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_dir() and is_quantized_checkpoint(path):
-        return load_quantized(path), AutoTokenizer.from_pretrained(path)
+        return load_quantized(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    dtype = dtype or torch.float32
     try:
         if path.is_file():
             if path.suffix != ".gguf":
@@ -249,8 +261,12 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
     return Path(out_dir)
 
 
-def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
-    """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU."""
+def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
+
+    dtype: cast the unquantized tensors (embeddings, norms, lm_head, biases) to it, e.g. bfloat16 to
+    halve their memory; None keeps the stored dtype. Quantized layers always compute in fp32.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -267,9 +283,10 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        stored_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(stored_dtype, str):
+            stored_dtype = getattr(torch, stored_dtype)
+        dtype = dtype or stored_dtype
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:  # transformers raises many types for a bad model config
@@ -287,13 +304,13 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
                                  f"the quantized layer is {spec.out_features}x{spec.in_features}")
         except (TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{path}: config.json entry for module {name} is invalid: {e}") from e
-        expected = spec.expected_tensors(bias_dtype=dtype)
+        expected = spec.expected_tensors(bias_dtype=stored_dtype)
         layer_tensors = {}
         for key, (shape, tensor_dtype) in expected.items():
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{path}: tensor {full} is missing")
-            t = tensors.pop(full)
+            t = tensors.pop(full).clone()  # a copy, not a view that keeps the memory-mapped file resident
             if qc["format_version"] == 1:
                 t = upgrade_from_version_1(key, t)
             if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
@@ -304,8 +321,11 @@ def load_quantized(path: str | Path, verify_checksum: bool = True) -> nn.Module:
             validate_layer(spec, layer_tensors, name)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
+        if "bias" in layer_tensors:
+            layer_tensors["bias"] = layer_tensors["bias"].to(dtype)
         set_submodule(model, name, SpQRLinear(spec, layer_tensors))
 
+    tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches between config.json and the stored tensors

@@ -98,3 +98,17 @@ def test_cli_bench(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert main(["bench", "--wbits", "9", "--shapes", "16x16"]) == 2
     capsys.readouterr()
+
+
+def test_load_with_bfloat16_unquantized_parts(quantized_llama):
+    _, _, checkpoint = quantized_llama
+    fp32 = load_quantized(checkpoint)
+    bf16 = load_quantized(checkpoint, dtype=torch.bfloat16)
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    q = [m for m in bf16.modules() if isinstance(m, SpQRLinear)]
+    assert q and all(m.qweight.dtype == torch.int32 for m in q)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        a, b = fp32(ids).logits, bf16(ids).logits
+    assert b.dtype == torch.bfloat16
+    assert float((a - b.float()).norm() / a.norm()) < 0.05  # bf16 rounding of activations, not a different model
