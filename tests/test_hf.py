@@ -118,7 +118,7 @@ def test_config_json_contents(quantized_llama):
     original, model, ckpt = quantized_llama
     cfg = json.loads((ckpt / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "spqr_packed" and qc["format_version"] == FORMAT_VERSION == 2
+    assert qc["quant_method"] == "spqr_packed" and qc["format_version"] == FORMAT_VERSION == 3
     assert qc["wbits"] == 3 and qc["beta1"] == 16 and qc["outlier_threshold"] == 0.1
     assert set(qc["modules"]) == set(decoder_linear_names(original))
     for name, spec in qc["modules"].items():
@@ -242,18 +242,25 @@ def _edit_config(directory, edit):
     path.write_text(json.dumps(cfg))
 
 
-def test_format_version_1_is_upgraded_on_load(ckpt_copy, quantized_llama):
-    """Version 1 stored the bilevel statistics group-major; such checkpoints load to the same model."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_versions_are_upgraded_on_load(ckpt_copy, quantized_llama, version):
+    """Version 2 stored qweight row-major ([out, chunks, wbits]); version 1 also the statistics group-major."""
     from spqr.format.io import read_weights, write_weights
 
     tensors = read_weights(ckpt_copy, None)
+    modules = json.loads((ckpt_copy / "config.json").read_text())["quantization_config"]["modules"]
     for name in list(tensors):
-        if name.endswith(("scale_codes", "zero_codes")):
+        module, _, key = name.rpartition(".")
+        if key == "qweight":
+            tiles, chunks, bits, rows = tensors[name].shape
+            planes = tensors[name].permute(0, 3, 1, 2).reshape(tiles * rows, chunks, bits)
+            tensors[name] = planes[:modules[module]["out_features"]].contiguous()
+        elif version == 1 and key in ("scale_codes", "zero_codes"):
             tensors[name] = tensors[name].transpose(0, 1).contiguous()
-        elif name.endswith(("scale_scale", "scale_zero", "zero_scale", "zero_zero")):
+        elif version == 1 and key in ("scale_scale", "scale_zero", "zero_scale", "zero_zero"):
             tensors[name] = tensors[name].T.contiguous()
     checksums = write_weights(ckpt_copy, tensors)
-    _edit_config(ckpt_copy, lambda c: c["quantization_config"].update(format_version=1, checksums=checksums))
+    _edit_config(ckpt_copy, lambda c: c["quantization_config"].update(format_version=version, checksums=checksums))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(load_quantized(ckpt_copy)(ids).logits, load_quantized(quantized_llama[2])(ids).logits)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "spqr_packed"  # `quant_method` in config.json; distinct from transformers' built-in "spqr"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 

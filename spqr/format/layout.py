@@ -4,7 +4,8 @@ For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm])
 
 | tensor            | dtype        | shape                              | content                                  |
 |-------------------|--------------|------------------------------------|------------------------------------------|
-| qweight           | int32        | [out, ceil(in/32), wbits]          | bit-planes of the weight codes of W_perm |
+| qweight           | int32        | [ceil(out/16), ceil(in/32),        | bit-planes of the weight codes of W_perm,|
+|                   |              |  wbits, 16]                        | 16 rows interleaved (see below)          |
 | scale_codes       | int32        | [ceil(out/32), n_groups, qq_bits]  | bit-planes of first-level scale codes    |
 | scale_scale/_zero | fp16         | [ceil(out/beta2), n_groups]        | second-level grid of the scales          |
 | zero_codes        | int32        | [ceil(out/32), n_groups, qq_bits]  | bit-planes of first-level zero codes     |
@@ -18,9 +19,11 @@ For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm])
 
 n_groups = ceil(in / beta1); a ragged last group (or row group) simply has fewer members.
 Decoding: W_perm[r, c] = (code - zero[g, r]) * scale[g, r] + outlier delta, g = c // beta1.
-The bilevel statistics are stored row-block-major (format version 2) so that a kernel working on a
-block of output rows reads its statistics for all groups contiguously; format version 1 stored them
-group-major ([n_groups, ...]) and is converted on load (`upgrade_from_version_1`).
+qweight[t, c, b, i] is bit-plane b of the codes of columns 32c .. 32c+31 of row 16t + i (bit j for column
+32c + j; rows past `out` are zero padding): a kernel working on a tile of 16 rows reads each plane of all
+16 rows as one 64-byte vector, and the bilevel statistics, stored row-block-major, contiguously too.
+Older layouts are converted on load (`upgrade_tensor`): version 1 stored qweight as [out, ceil(in/32),
+wbits] and the statistics group-major ([n_groups, ...]); version 2 only differed in qweight.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import torch
 from spqr.algo.bilevel import QuantizedStat, dequantize_stat, expand_groups
 from spqr.algo.engine import QuantizedWeight
 from spqr.algo.quantizer import dequantize
-from spqr.format.packing import pack_bitplanes, packed_shape, unpack_bitplanes
+from spqr.format.packing import pack_bitplanes, unpack_bitplanes
 
 INT16_MAX_INDEX = 2**15  # int16 holds column indices and permutations of up to 32768 columns
+ROW_TILE = 16  # rows interleaved in qweight
 TensorSpec = tuple[tuple[int, ...] | None, torch.dtype]  # (shape, or None where it varies; dtype)
 
 
@@ -79,7 +83,7 @@ class LayerSpec:
         """name -> (shape, dtype) of every stored tensor; shape None where it depends on the outlier count."""
         out, n_groups = self.out_features, self.n_groups
         expected: dict[str, TensorSpec] = {
-            "qweight": (packed_shape((out, self.in_features), self.wbits), torch.int32),
+            "qweight": ((-(-out // ROW_TILE), -(-self.in_features // 32), self.wbits, ROW_TILE), torch.int32),
             "outlier_row_ptr": ((out + 1,), torch.int32),
             "outlier_col": (None, self.index_dtype),
             "outlier_val": (None, torch.float16),
@@ -112,7 +116,7 @@ class PackedLinear:
                        bias: torch.Tensor | None = None) -> PackedLinear:
         out, in_features = qw.codes.shape
         spec = LayerSpec(in_features, out, wbits, beta1, beta2, qq_bits, qw.perm is not None, bias is not None)
-        t: dict[str, torch.Tensor] = {"qweight": pack_bitplanes(qw.codes, wbits)}
+        t: dict[str, torch.Tensor] = {"qweight": pack_weight_codes(qw.codes, wbits)}
         for name, stat in (("scale", qw.scale), ("zero", qw.zero)):
             if qq_bits is None:
                 t[name] = stat.fp16_values
@@ -153,11 +157,35 @@ def _stat_values(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> torc
     return dequantize_stat(stat, spec.beta2)
 
 
-def upgrade_from_version_1(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor of a format version 1 checkpoint in the current layout (group-major statistics transposed)."""
-    if key.endswith("_codes") and tensor.ndim == 3:
+def pack_weight_codes(codes: torch.Tensor, wbits: int) -> torch.Tensor:
+    """Weight codes [out, in] -> qweight int32 [ceil(out/16), ceil(in/32), wbits, 16] (see the module docstring)."""
+    return _interleave_rows(pack_bitplanes(codes, wbits))
+
+
+def unpack_weight_codes(qweight: torch.Tensor, wbits: int, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of pack_weight_codes: uint8 codes [out, in]."""
+    tiles, chunks, bits, rows = qweight.shape
+    planes = qweight.permute(0, 3, 1, 2).reshape(tiles * rows, chunks, bits)[:out_features]
+    return unpack_bitplanes(planes, wbits, in_features)
+
+
+def _interleave_rows(planes: torch.Tensor) -> torch.Tensor:
+    """Row-major bit-planes [out, chunks, bits] -> [ceil(out/16), chunks, bits, 16], zero rows appended."""
+    out, chunks, bits = planes.shape
+    padded = torch.nn.functional.pad(planes, (0, 0, 0, 0, 0, -out % ROW_TILE))
+    return padded.view(-1, ROW_TILE, chunks, bits).permute(0, 2, 3, 1).contiguous()
+
+
+def upgrade_tensor(version: int, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of a format `version` checkpoint in the current layout (see the module docstring).
+
+    Tensors whose shape does not fit the old layout are returned unchanged (the caller's shape check refuses them).
+    """
+    if version <= 2 and key == "qweight" and tensor.ndim == 3:
+        return _interleave_rows(tensor)
+    if version == 1 and key.endswith("_codes") and tensor.ndim == 3:
         return tensor.transpose(0, 1).contiguous()
-    if key in ("scale_scale", "scale_zero", "zero_scale", "zero_zero") and tensor.ndim == 2:
+    if version == 1 and key in ("scale_scale", "scale_zero", "zero_scale", "zero_zero") and tensor.ndim == 2:
         return tensor.T.contiguous()
     return tensor
 
@@ -169,7 +197,7 @@ def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:
 
 def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain reference decoder: fp32 W [out, in] in the original column order."""
-    codes = unpack_bitplanes(t["qweight"], spec.wbits, spec.in_features).float()
+    codes = unpack_weight_codes(t["qweight"], spec.wbits, spec.out_features, spec.in_features).float()
     scale = expand_groups(_stat_values(spec, t, "scale").T, spec.beta1, spec.in_features)
     zero = expand_groups(_stat_values(spec, t, "zero").T, spec.beta1, spec.in_features)
     weight = dequantize(codes, scale, zero)

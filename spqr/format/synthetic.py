@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spqr.format.layout import LayerSpec, PackedLinear
+from spqr.format.layout import LayerSpec, PackedLinear, pack_weight_codes
 from spqr.format.packing import pack_bitplanes
 
 
@@ -19,7 +19,7 @@ def random_packed_layer(out_features: int, in_features: int, wbits: int = 3, bet
     spec = LayerSpec(in_features, out_features, wbits, beta1, beta2, qq_bits, perm, bias)
     n_groups = spec.n_groups
     t: dict[str, torch.Tensor] = {
-        "qweight": pack_bitplanes(torch.randint(0, 2**wbits, (out_features, in_features), generator=g), wbits)}
+        "qweight": pack_weight_codes(torch.randint(0, 2**wbits, (out_features, in_features), generator=g), wbits)}
     if qq_bits is None:
         t["scale"] = (0.1 / 2**wbits * (0.5 + torch.rand(n_groups, out_features, generator=g))).half()
         t["zero"] = ((2**wbits - 1) * torch.rand(n_groups, out_features, generator=g)).half()

@@ -81,7 +81,7 @@ def test_csr_outliers(case):
 
 def _reference_bits(spec: LayerSpec, nnz: int) -> int:
     words = lambda n: -(-n // 32)  # noqa: E731
-    bits = spec.out_features * words(spec.in_features) * spec.wbits * 32
+    bits = -(-spec.out_features // 16) * 16 * words(spec.in_features) * spec.wbits * 32  # rows padded to 16
     if spec.qq_bits is None:
         bits += 2 * spec.n_groups * spec.out_features * 16
     else:
@@ -134,7 +134,7 @@ def _plain_decode(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
     scale, zero = stat("scale"), stat("zero")
     W = torch.zeros(out, inp)
     for r in range(out):
-        codes = ref_unpack_row(t["qweight"][r].tolist(), spec.wbits, inp)
+        codes = ref_unpack_row(t["qweight"][r // 16, :, :, r % 16].tolist(), spec.wbits, inp)  # [chunks, wbits]
         for c in range(inp):
             g = c // spec.beta1
             W[r, c] = (codes[c] - zero[g, r]) * scale[g, r]
