@@ -27,7 +27,7 @@ import torch
 from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
 from spqr.data import load_text, tokenize
 from spqr.generate import generate, use_reference
-from spqr.hf import find_decoder_blocks, load_model, load_quantized
+from spqr.hf import block_linears, find_decoder_blocks, load_model, load_quantized, set_submodule
 from spqr.kernels import cpu
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -73,10 +73,11 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
     model = load_quantized(checkpoint)
     spqr = _generation(model, ids, tokens)
     reference = _generation(use_reference(model), ids, tokens)
+    bf16 = _generation(load_quantized(checkpoint, dtype=torch.bfloat16), ids, tokens)  # unquantized parts bf16
     same = next((i for i, (a, b) in enumerate(zip(spqr["tokens"], reference["tokens"])) if a != b),
                 len(spqr["tokens"]))
     result = {"checkpoint": str(checkpoint), "prompt": f"first {prompt_tokens} tokens of wikitext2 test",
-              "fp32": fp32, "spqr": spqr, "reference": reference,
+              "fp32": fp32, "spqr": spqr, "reference": reference, "spqr_unquantized_bf16": bf16,
               "tokens_match_reference": spqr["tokens"] == reference["tokens"], "matching_prefix": same,
               "decode_speedup_vs_fp32": spqr["decode_tokens_per_second"] / fp32["decode_tokens_per_second"],
               "prefill_speedup_vs_fp32": spqr["prefill_tokens_per_second"] / fp32["prefill_tokens_per_second"],
@@ -84,7 +85,9 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
     log(f"SmolLM2: fp32 prefill {fp32['prefill_tokens_per_second']:.1f} tok/s decode "
         f"{fp32['decode_tokens_per_second']:.2f} tok/s; spqr prefill {spqr['prefill_tokens_per_second']:.1f} "
         f"decode {spqr['decode_tokens_per_second']:.2f}; reference decode {reference['decode_tokens_per_second']:.2f}; "
-        f"tokens match reference: {result['tokens_match_reference']} ({same}/{len(spqr['tokens'])})")
+        f"tokens match reference: {result['tokens_match_reference']} ({same}/{len(spqr['tokens'])}); "
+        f"spqr with bf16 unquantized parts: prefill {bf16['prefill_tokens_per_second']:.1f} "
+        f"decode {bf16['decode_tokens_per_second']:.2f}")
     return result
 
 
@@ -102,18 +105,21 @@ def synthetic_llama_section(tokens: int) -> dict:
     ids = torch.randint(0, config.vocab_size, (1, 32))
     fp32 = _generation(model, ids, tokens)
     log(f"synthetic llama ({params / 1e9:.2f}B params) fp32: decode {fp32['decode_tokens_per_second']:.2f} tok/s")
-    for block_index, block in enumerate(find_decoder_blocks(model)):
-        for name, linear in list(block.named_modules()):
-            if isinstance(linear, torch.nn.Linear):
-                packed = random_packed_layer(linear.out_features, linear.in_features, 3, 16, 16, 3, 0.01,
-                                             seed=block_index)
-                parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-                setattr(parent, name.rpartition(".")[2], SpQRLinear.from_packed(packed))
+    _, blocks = find_decoder_blocks(model)
+    for block_index, block in enumerate(blocks):
+        for name, linear in block_linears(block).items():
+            packed = random_packed_layer(linear.out_features, linear.in_features, 3, 16, 16, 3, 0.01, seed=block_index)
+            set_submodule(block, name, SpQRLinear.from_packed(packed))
     spqr = _generation(model, ids, tokens)
     speedup = spqr["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
     log(f"synthetic llama 3-bit: decode {spqr['decode_tokens_per_second']:.2f} tok/s ({speedup:.2f}x fp32)")
+    spqr_bf16 = _generation(model.to(torch.bfloat16), ids, tokens)  # embeddings, norms, lm_head in bf16
+    speedup_bf16 = spqr_bf16["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
+    log(f"synthetic llama 3-bit, unquantized parts bf16: decode {spqr_bf16['decode_tokens_per_second']:.2f} "
+        f"tok/s ({speedup_bf16:.2f}x fp32)")
     return {"parameters": params, "config": "llama hidden 2048, mlp 5632, 22 layers, 32/4 heads, vocab 32000",
-            "fp32": fp32, "spqr": spqr, "decode_speedup_vs_fp32": speedup, "meets_2_5x": speedup >= 2.5}
+            "fp32": fp32, "spqr": spqr, "decode_speedup_vs_fp32": speedup, "meets_2_5x": speedup >= 2.5,
+            "spqr_unquantized_bf16": spqr_bf16, "decode_speedup_vs_fp32_unquantized_bf16": speedup_bf16}
 
 
 RSS_SCRIPT = """
@@ -174,17 +180,17 @@ def main() -> None:
                                 "read_bandwidth_gbs": memory_bandwidth_gbs()}}
     log(f"read bandwidth {result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
     start = time.time()
-    if "kernels" not in args.skip:
-        result["kernels"] = kernel_section()
-    if "smollm2" not in args.skip:
-        result["smollm2"] = smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens)
-    if "llama" not in args.skip:
-        result["synthetic_llama"] = synthetic_llama_section(args.llama_tokens)
-    if "memory" not in args.skip:
-        result["memory"] = memory_section(args.checkpoint)
-    result["seconds"] = time.time() - start
+    sections = {"kernels": kernel_section,
+                "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens),
+                "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
+                "memory": lambda: memory_section(args.checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, run in sections.items():
+        if name.removeprefix("synthetic_") in args.skip:
+            continue
+        result[name] = run()
+        result["seconds"] = time.time() - start
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: a crash keeps the rest
     log(f"wrote {args.out}")
 
 

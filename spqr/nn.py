@@ -32,6 +32,20 @@ class SpQRLinear(nn.Module):
         bias = tensors.get("bias")
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow `fn`, casts do not: model.to(torch.bfloat16) or .half() must leave the packed
+        tensors' dtypes alone (they are bit patterns and fp16 statistics), while the bias is cast."""
+        packed = dict(self._buffers)
+        self._buffers.clear()
+        try:
+            super()._apply(fn, recurse)
+            device = fn(torch.empty(0, device=packed["qweight"].device)).device
+        finally:
+            self._buffers.update(packed)
+        for name, tensor in packed.items():
+            self._buffers[name] = tensor.to(device)
+        return self
+
     @classmethod
     def from_packed(cls, packed: PackedLinear) -> SpQRLinear:
         return cls(packed.spec, packed.tensors)

@@ -112,3 +112,20 @@ def test_load_with_bfloat16_unquantized_parts(quantized_llama):
         a, b = fp32(ids).logits, bf16(ids).logits
     assert b.dtype == torch.bfloat16
     assert float((a - b.float()).norm() / a.norm()) < 0.05  # bf16 rounding of activations, not a different model
+
+
+def test_dtype_casts_leave_packed_tensors_alone(quantized_llama):
+    _, _, checkpoint = quantized_llama
+    model = load_quantized(checkpoint)
+    layer = next(m for m in model.modules() if isinstance(m, SpQRLinear))
+    before = {k: v.clone() for k, v in layer.packed_tensors().items() if k != "bias"}
+    x = torch.randn(3, layer.in_features)
+    y32 = layer(x)
+    model.to(torch.bfloat16)
+    after = layer.packed_tensors()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    torch.testing.assert_close(layer(x.bfloat16()).float(), y32, rtol=0.02, atol=0.02)
+    model.half().float().to("cpu")
+    assert all(torch.equal(before[k], layer.packed_tensors()[k]) for k in before)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -13,12 +13,6 @@ import torch
 CHUNK = 32
 
 
-def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
-    """Shape of pack_bitplanes(codes, bits) for codes of the given shape."""
-    *lead, n = shape
-    return (*lead, -(-n // CHUNK), bits)
-
-
 def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes [..., n] (values in [0, 2^bits)) into int32 [..., ceil(n/32), bits]."""
     if not 1 <= bits <= 8:

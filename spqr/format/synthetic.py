@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spqr.format.layout import LayerSpec, PackedLinear, pack_weight_codes
+from spqr.format.layout import LayerSpec, PackedLinear
 from spqr.format.packing import pack_bitplanes
 
 
@@ -18,8 +18,12 @@ def random_packed_layer(out_features: int, in_features: int, wbits: int = 3, bet
     g = torch.Generator().manual_seed(seed)
     spec = LayerSpec(in_features, out_features, wbits, beta1, beta2, qq_bits, perm, bias)
     n_groups = spec.n_groups
-    t: dict[str, torch.Tensor] = {
-        "qweight": pack_weight_codes(torch.randint(0, 2**wbits, (out_features, in_features), generator=g), wbits)}
+    # uniformly random bit-planes are uniformly random codes (and much faster to make than packing them)
+    shape = spec.expected_tensors()["qweight"][0]
+    qweight = torch.randint(-2**31, 2**31, shape, generator=g, dtype=torch.int64).to(torch.int32)
+    if out_features % 16:
+        qweight[-1, ..., out_features % 16:] = 0  # the padding rows of the last tile
+    t: dict[str, torch.Tensor] = {"qweight": qweight}
     if qq_bits is None:
         t["scale"] = (0.1 / 2**wbits * (0.5 + torch.rand(n_groups, out_features, generator=g))).half()
         t["zero"] = ((2**wbits - 1) * torch.rand(n_groups, out_features, generator=g)).half()

@@ -156,3 +156,12 @@ def load(variant: str = "native") -> CpuKernels | None:
     except (RuntimeError, OSError) as e:
         log.warning("spqr: CPU kernels unavailable, using the slower reference path (dequantize + matmul): %s", e)
         return None
+
+
+
+def describe() -> str:
+    """One line saying which CPU path is in use (builds the kernels if needed)."""
+    kernels = load()
+    if kernels is None:
+        return "spqr CPU kernels: unavailable, using the reference path (see the warning above)"
+    return f"spqr CPU kernels: {kernels.variant} build, AVX-512 {'on' if kernels.has_avx512 else 'off'}"

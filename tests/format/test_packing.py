@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spqr.format.packing import pack_bitplanes, packed_shape, unpack_bitplanes
+from spqr.format.packing import pack_bitplanes, unpack_bitplanes
 from tests.helpers import ref_pack_row, ref_unpack_row
 
 LENGTHS = [1, 31, 32, 33, 100]
@@ -20,7 +20,7 @@ def test_round_trip_and_reference_layout(bits, n):
     packed = pack_bitplanes(codes, bits)
     n_chunks = -(-n // 32)
     assert packed.dtype == torch.int32
-    assert packed.shape == (3, n_chunks, bits) == packed_shape((3, n), bits)
+    assert packed.shape == (3, n_chunks, bits)
     # exactly ceil(n/32)·bits int32 words = ceil(n/32)·bits·4 bytes per row
     assert packed[0].numel() * packed.element_size() == n_chunks * bits * 4
     for r in range(3):
