@@ -54,31 +54,40 @@ def packed_bytes(packed: PackedLinear) -> int:
 
 
 def _copies(make: Callable[[], object], nbytes: int, cold: bool, pool_bytes: int) -> list:
-    count = max(1, min(64, -(-pool_bytes // max(nbytes, 1)))) if cold else 1
+    count = max(1, min(1024, -(-pool_bytes // max(nbytes, 1)))) if cold else 1
     return [make() for _ in range(count)]
 
 
 def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: int = 3, beta1: int = 16,
                        beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
-                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32)) -> dict:
-    """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype."""
+                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3) -> dict:
+    """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype.
+
+    The candidates take turns for `rounds` rounds of `repeats` calls, so that a slow phase of a noisy
+    machine hits them alike; each time is the median of all its calls.
+    """
     pool = 2 * last_level_cache_bytes() if cold else 0
     layer = random_packed_layer(out_features, in_features, wbits, beta1, beta2, 3, outlier_share, seed=0)
-    layers = _copies(lambda: {k: v.clone() for k, v in layer.tensors.items()}, packed_bytes(layer), cold, pool)
     x = torch.randn(rows, in_features)
-    spqr_s = median_seconds(lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x), repeats)
-    result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
-              "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
-              "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "spqr_ms": 1e3 * spqr_s,
-              "spqr_packed_gbs": packed_bytes(layer) / spqr_s / 1e9}
-    layers.clear()  # free the copies before allocating the baselines
+    layers = _copies(lambda: {k: v.clone() for k, v in layer.tensors.items()}, packed_bytes(layer), cold, pool)
+    candidates: dict[str, Callable[[int], object]] = {
+        "spqr": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
     for dtype in baselines:
         nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
         weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features).to(dt), nbytes, cold, pool)
         xd = x.to(dtype)
-        seconds = median_seconds(lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)]), repeats)
-        name = str(dtype).removeprefix("torch.")
-        result[f"{name}_ms"] = 1e3 * seconds
-        result[f"speedup_vs_{name}"] = seconds / spqr_s
-        del weights
+        candidates[str(dtype).removeprefix("torch.")] = lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)])
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(median_seconds(fn, repeats))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
+              "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
+              "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "rounds": rounds,
+              "spqr_ms": 1e3 * seconds["spqr"], "spqr_packed_gbs": packed_bytes(layer) / seconds["spqr"] / 1e9}
+    for name, value in seconds.items():
+        if name != "spqr":
+            result[f"{name}_ms"] = 1e3 * value
+            result[f"speedup_vs_{name}"] = value / seconds["spqr"]
     return result
