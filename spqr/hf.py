@@ -248,8 +248,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
             "quant_method": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             **quantization_config,
-            "packing": "bitplane32",
-            "modules": {name: m.spec.to_dict() for name, m in modules.items()},
+            "packing": "bitplane32-rows16",
+            "modules": {name: {**m.spec.to_dict(), "outliers": m.outlier_val.numel()} for name, m in modules.items()},
             "modules_not_converted": not_converted,
             "checksums": checksums,
         }
@@ -295,7 +295,12 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
 
     for name, spec_dict in modules.items():
         try:
-            spec = LayerSpec(**spec_dict)
+            if not isinstance(spec_dict, dict):
+                raise TypeError("expected a JSON object")
+            outliers = spec_dict.get("outliers")  # absent in checkpoints written before it was recorded
+            if "outliers" in spec_dict and (type(outliers) is not int or outliers < 0):
+                raise ValueError(f"outliers must be a non-negative integer, got {outliers!r}")
+            spec = LayerSpec(**{k: v for k, v in spec_dict.items() if k != "outliers"})
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"{name} is not a Linear layer of this model")
@@ -319,6 +324,9 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             layer_tensors[key] = t
         try:
             validate_layer(spec, layer_tensors, name)
+            if outliers is not None and outliers != layer_tensors["outlier_val"].numel():
+                raise ValueError(f"{name}: config.json records {outliers} outliers, the tensors hold "
+                                 f"{layer_tensors['outlier_val'].numel()}")
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
         if "bias" in layer_tensors:

@@ -122,7 +122,8 @@ def test_config_json_contents(quantized_llama):
     assert qc["wbits"] == 3 and qc["beta1"] == 16 and qc["outlier_threshold"] == 0.1
     assert set(qc["modules"]) == set(decoder_linear_names(original))
     for name, spec in qc["modules"].items():
-        assert spec == model.get_submodule(name).spec.to_dict()
+        layer = model.get_submodule(name)
+        assert spec == {**layer.spec.to_dict(), "outliers": layer.outlier_val.numel()}
     assert qc["modules_not_converted"] == ["lm_head"]
     digest = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
     assert qc["checksums"] == {"model.safetensors": digest}

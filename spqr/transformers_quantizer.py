@@ -1,0 +1,97 @@
+"""Plain transformers loading of our checkpoints: after `import spqr`,
+`AutoModelForCausalLM.from_pretrained(DIR)` builds the model with SpQRLinear layers.
+
+Registered through transformers' public hooks (`register_quantization_config`, `register_quantizer`)
+under our quant_method "spqr_packed". Before the weights load, every quantized Linear named in the
+config's `modules` table becomes an SpQRLinear whose packed buffers are placeholders of the exact
+stored shapes; transformers then fills them from model.safetensors. After loading, the packed
+tensors get back their stored dtypes (transformers may cast floating tensors to the model dtype;
+fp16 -> fp32 -> fp16 is lossless) and every layer is validated as `spqr.load_quantized` does.
+`spqr.load_quantized` stays the stricter path: it also verifies the file's sha256.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
+from spqr.format.layout import LayerSpec, validate_layer
+from spqr.hf import set_submodule
+from spqr.nn import SpQRLinear
+
+
+@register_quantization_config(FORMAT_NAME)
+class SpQRPackedConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a checkpoint, every field kept so that save_pretrained round-trips."""
+
+    def __init__(self, modules: dict[str, dict] | None = None, format_version: int | None = None, **kwargs: Any):
+        self.quant_method = FORMAT_NAME
+        self.modules = modules or {}
+        self.format_version = format_version
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        # the checksums describe the file written by spqr.save_quantized, not one save_pretrained writes
+        return {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "checksums"}
+
+
+def _layer_specs(config: SpQRPackedConfig) -> dict[str, tuple[LayerSpec, int]]:
+    if config.format_version != FORMAT_VERSION:
+        raise ValueError(f"this checkpoint has spqr format version {config.format_version!r}; transformers "
+                         f"loading needs version {FORMAT_VERSION}: load it with spqr.load_quantized(DIR), which "
+                         "converts older versions, and save it again with spqr.save_quantized")
+    specs = {}
+    for name, spec_dict in config.modules.items():
+        if not isinstance(spec_dict, dict) or type(spec_dict.get("outliers")) is not int:
+            raise ValueError(f"module {name}: the config does not record its outlier count; load the checkpoint "
+                             "with spqr.load_quantized(DIR) and save it again with spqr.save_quantized")
+        spec_fields = {k: v for k, v in spec_dict.items() if k != "outliers"}
+        specs[name] = (LayerSpec(**spec_fields), spec_dict["outliers"])
+    return specs
+
+
+@register_quantizer(FORMAT_NAME)
+class SpQRPackedQuantizer(HfQuantizer):
+    """Loads pre-quantized spqr_packed checkpoints (it does not quantize)."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        self._specs = _layer_specs(self.quantization_config)
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        for name, (spec, outliers) in self._specs.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+                    spec.out_features, spec.in_features):
+                raise ValueError(f"module {name} of this model is not a {spec.out_features}x{spec.in_features} "
+                                 "Linear as the quantization config says")
+            bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
+            placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
+                            for key, (shape, dtype) in spec.expected_tensors(bias_dtype).items()}
+            set_submodule(model, name, SpQRLinear(spec, placeholders))
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        for name, (spec, _) in self._specs.items():
+            layer = model.get_submodule(name)
+            expected = spec.expected_tensors()
+            for key, tensor in list(layer._buffers.items()):
+                if tensor.device.type == "meta":
+                    raise ValueError(f"{name}.{key} is missing from the checkpoint")
+                if tensor.dtype != expected[key][1]:
+                    layer._buffers[key] = tensor.to(expected[key][1])
+            validate_layer(spec, layer.packed_tensors(), name)
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

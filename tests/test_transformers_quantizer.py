@@ -1,0 +1,89 @@
+"""`import spqr` makes plain transformers load (and save) our checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import spqr
+from spqr.format.io import read_weights, write_weights
+from spqr.nn import SpQRLinear
+
+IDS = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_from_pretrained_matches_our_loader(quantized_llama):
+    _, _, checkpoint = quantized_llama
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    layers = [m for m in model.modules() if isinstance(m, SpQRLinear)]
+    assert len(layers) == len(json.loads((checkpoint / "config.json").read_text())["quantization_config"]["modules"])
+    assert torch.equal(_logits(model), _logits(spqr.load_quantized(checkpoint)))
+    assert model.generate(IDS, max_new_tokens=4, do_sample=False).shape == (1, IDS.shape[1] + 4)
+
+
+def test_save_pretrained_round_trips(quantized_llama, tmp_path):
+    _, _, checkpoint = quantized_llama
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model.save_pretrained(tmp_path / "resaved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+    assert torch.equal(_logits(again), _logits(model))
+    assert torch.equal(_logits(spqr.load_quantized(tmp_path / "resaved")), _logits(model))
+
+
+def test_from_pretrained_in_bfloat16_keeps_the_packed_dtypes(quantized_llama):
+    _, _, checkpoint = quantized_llama
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    layer = next(m for m in model.modules() if isinstance(m, SpQRLinear))
+    reference = spqr.load_quantized(checkpoint)
+    ref_layer = reference.get_submodule(next(n for n, m in model.named_modules() if m is layer))
+    loaded = layer.packed_tensors()
+    for key, tensor in ref_layer.packed_tensors().items():
+        if key != "bias":
+            assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
+    assert torch.isfinite(_logits(model)).all()
+
+
+def _copy(checkpoint, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(checkpoint, dst)
+    return dst
+
+
+def _edit(path, edit):
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_older_format_is_refused_with_a_pointer_to_our_loader(quantized_llama, tmp_path):
+    path = _copy(quantized_llama[2], tmp_path)
+    _edit(path, lambda qc: qc.update(format_version=2))
+    with pytest.raises(ValueError, match="spqr.load_quantized"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_missing_outlier_counts_are_refused(quantized_llama, tmp_path):
+    path = _copy(quantized_llama[2], tmp_path)
+    _edit(path, lambda qc: [spec.pop("outliers") for spec in qc["modules"].values()])
+    with pytest.raises(ValueError, match="outlier count"):
+        AutoModelForCausalLM.from_pretrained(path)
+    assert spqr.load_quantized(path) is not None  # our loader does not need them
+
+
+def test_inconsistent_tensors_are_refused(quantized_llama, tmp_path):
+    path = _copy(quantized_llama[2], tmp_path)
+    tensors = read_weights(path, None)
+    name = "model.layers.0.mlp.up_proj.outlier_row_ptr"
+    tensors[name] = tensors[name].flip(0).contiguous()  # no longer a CSR row pointer array
+    write_weights(path, tensors)
+    with pytest.raises(ValueError, match="up_proj: outlier_row_ptr"):
+        AutoModelForCausalLM.from_pretrained(path)
