@@ -21,14 +21,17 @@ from spqr.format.layout import PackedLinear
 from spqr.format.synthetic import random_packed_layer
 
 
-def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
+def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3, device: str = "cpu") -> float:
     """Median wall time of fn(i) over `repeats` calls (i counts calls, to pick a weight copy)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for i in range(warmup):
         fn(i)
     times = []
     for i in range(repeats):
+        sync()
         start = time.perf_counter()
         fn(warmup + i)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -43,10 +46,10 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=64 * 2**20)
 
 
-def memory_bandwidth_gbs(size_bytes: int = 2**30) -> float:
+def memory_bandwidth_gbs(size_bytes: int = 2**30, device: str = "cpu") -> float:
     """Read bandwidth in GB/s: torch.sum over a buffer far larger than the caches."""
-    buffer = torch.ones(size_bytes // 4)
-    return size_bytes / median_seconds(lambda _: buffer.sum(), 5) / 1e9
+    buffer = torch.ones(size_bytes // 4, device=device)
+    return size_bytes / median_seconds(lambda _: buffer.sum(), 5, device=device) / 1e9
 
 
 def packed_bytes(packed: PackedLinear) -> int:
@@ -60,27 +63,34 @@ def _copies(make: Callable[[], object], nbytes: int, cold: bool, pool_bytes: int
 
 def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: int = 3, beta1: int = 16,
                        beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
-                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3) -> dict:
+                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3,
+                       device: str = "cpu") -> dict:
     """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype.
 
     The candidates take turns for `rounds` rounds of `repeats` calls, so that a slow phase of a noisy
-    machine hits them alike; each time is the median of all its calls.
+    machine hits them alike; each time is the median of all its calls. On a GPU (device="cuda") the
+    cold pool is sized from its L2 cache.
     """
-    pool = 2 * last_level_cache_bytes() if cold else 0
+    on_gpu = torch.device(device).type == "cuda"
+    cache = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20) if on_gpu
+             else last_level_cache_bytes())
+    pool = 2 * cache if cold else 0
     layer = random_packed_layer(out_features, in_features, wbits, beta1, beta2, 3, outlier_share, seed=0)
-    x = torch.randn(rows, in_features)
-    layers = _copies(lambda: {k: v.clone() for k, v in layer.tensors.items()}, packed_bytes(layer), cold, pool)
+    x = torch.randn(rows, in_features, device=device)
+    layers = _copies(lambda: {k: v.to(device, copy=True) for k, v in layer.tensors.items()}, packed_bytes(layer),
+                     cold, pool)
     candidates: dict[str, Callable[[int], object]] = {
         "spqr": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
     for dtype in baselines:
         nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
-        weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features).to(dt), nbytes, cold, pool)
+        weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features, device=device).to(dt), nbytes,
+                          cold, pool)
         xd = x.to(dtype)
         candidates[str(dtype).removeprefix("torch.")] = lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)])
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            times[name].append(median_seconds(fn, repeats))
+            times[name].append(median_seconds(fn, repeats, device=device))
     seconds = {name: statistics.median(t) for name, t in times.items()}
     result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
               "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,

@@ -233,17 +233,23 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     if args.wbits is not None and not 1 <= args.wbits <= 8:
         raise ConfigError(f"--wbits must be in 1..8, got {args.wbits}")
-    kernels = cpu.load()
-    summary: dict = {"kernels": kernels.variant if kernels else "reference (C kernels unavailable)",
-                     "threads": torch.get_num_threads(), "memory_bandwidth_gbs": memory_bandwidth_gbs(),
-                     "linear": []}
-    print(f"kernels: {summary['kernels']}, {summary['threads']} threads, "
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        name = f"Triton on {torch.cuda.get_device_name()}"
+    else:
+        kernels = cpu.load()
+        name = f"C {kernels.variant}" if kernels else "reference (C kernels unavailable)"
+    summary: dict = {"device": args.device, "kernels": name, "threads": torch.get_num_threads(),
+                     "memory_bandwidth_gbs": memory_bandwidth_gbs(device=args.device), "linear": []}
+    print(f"kernels: {summary['kernels']}, {summary['threads']} CPU threads, "
           f"read bandwidth {summary['memory_bandwidth_gbs']:.1f} GB/s")
     for out, inp in args.shapes:
         for rows in args.rows:
+            baselines = (torch.float16,) if args.device == "cuda" else (
+                (torch.float32,) if rows > 1 else (torch.float16, torch.float32))
             r = bench_linear_shape(out, inp, rows, wbits=args.wbits, cold=not args.hot and rows == 1,
-                                   repeats=args.repeats, baselines=(torch.float32,) if rows > 1 else
-                                   (torch.float16, torch.float32))
+                                   repeats=args.repeats, baselines=baselines, device=args.device)
             summary["linear"].append(r)
             base = ", ".join(f"{dt} {r[f'{dt}_ms']:.3f} ms ({r[f'speedup_vs_{dt}']:.2f}x)"
                              for dt in ("float16", "float32") if f"{dt}_ms" in r)
@@ -253,8 +259,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         from spqr.generate import generate
 
         model, tokenizer = load_model(args.model)
-        ids = _prompt_ids(tokenizer, args.prompt, chat=False)
-        result = generate(model, ids, args.tokens, stop_at_eos=False)
+        ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
+        result = generate(model.to(args.device), ids, args.tokens, stop_at_eos=False)
         summary["generation"] = {"model": args.model, **result.to_dict()}
         print(f"generation: prefill {result.prefill_tokens_per_second:.1f} tokens/s, "
               f"decode {result.decode_tokens_per_second:.2f} tokens/s ({len(result.tokens)} tokens)")
@@ -326,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input rows per call (default 1,64,512)")
     b.add_argument("--wbits", type=int, default=3, help="weight bits of the synthetic layers (default 3)")
     b.add_argument("--hot", action="store_true", help="matvec with one weight copy (cache-resident when small)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (cuda: Triton kernels "
+                   "against torch fp16)")
     b.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (default 20)")
     b.add_argument("--model", help="also time greedy generation with this checkpoint or model")
     b.add_argument("--prompt", default="The history of the Roman Republic", help="prompt for --model")

@@ -59,7 +59,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     cache_key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x renamed the KV cache
     start = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in eos_ids:
-        out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{cache_key: out[cache_key]})
+        out = model(input_ids=input_ids.new_tensor([[token]]), use_cache=True, **{cache_key: out[cache_key]})
         token = int(out["logits"][0, -1].argmax())
         tokens.append(token)
         if on_token:

@@ -1,8 +1,9 @@
 """y = x Wᵀ for a packed SpQR layer, as one registered torch op with interchangeable backends.
 
 `torch.ops.spqr.linear` (see `linear`) takes the layer's stored tensors and dispatches by device:
-CPU tensors go to the C kernels of `cpu.py` (reference path when they are unavailable or the
-layer's beta1 is not a multiple of 16), other devices to the reference path. The reference path,
+CPU tensors go to the C kernels of `cpu.py`, CUDA tensors to the Triton kernels of `gpu.py`
+(either falls back to the reference path when unavailable or when the layer's beta1 is not a
+multiple of 16), other devices to the reference path. The reference path,
 `reference_linear`, decodes W exactly (spqr.format.layout.dequantize_layer) and calls F.linear;
 every fast path is tested against it. A fake (meta) implementation lets the op trace under
 torch.compile / FakeTensor without running it.
@@ -11,12 +12,15 @@ torch.compile / FakeTensor without running it.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from spqr.format.layout import LayerSpec, dequantize_layer
 from spqr.kernels import cpu
+
+log = logging.getLogger(__name__)
 
 BILEVEL_STATS = ("scale_codes", "scale_scale", "scale_zero", "zero_codes", "zero_scale", "zero_zero")
 FP16_STATS = ("scale", "zero")
@@ -47,6 +51,26 @@ def _spec(in_features: int, out_features: int, wbits: int, beta1: int, beta2: in
     return LayerSpec(in_features, out_features, wbits, beta1, beta2, qq_bits or None, has_perm, False)
 
 
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("spqr: triton is not installed, so quantized layers on CUDA use the slower reference path "
+                    "(pip install triton)")
+        return False
+    return True
+
+
+def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (CUDA) -> [..., out] through the Triton kernels (spqr.kernels.gpu), else the reference path."""
+    if not _triton_available():
+        return reference_linear(spec, t, x)
+    from spqr.kernels import gpu
+
+    return gpu.triton_linear(spec, t, x) if gpu.supports(spec) else reference_linear(spec, t, x)
+
+
 def _unpack_args(x: torch.Tensor, qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,
                  row_ptr: torch.Tensor, outlier_col: torch.Tensor, outlier_val: torch.Tensor,
                  shape: list[int]) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
@@ -71,7 +95,13 @@ def _linear_reference(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val
     return reference_linear(*_unpack_args(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), x)
 
 
+def _linear_cuda(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
+    spec, t = _unpack_args(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape)
+    return cuda_linear(spec, t, x)
+
+
 _LIBRARY.impl("linear", _linear_cpu, "CPU")
+_LIBRARY.impl("linear", _linear_cuda, "CUDA")
 _LIBRARY.impl("linear", _linear_reference, "CompositeExplicitAutograd")  # any other device
 
 
