@@ -1,4 +1,4 @@
-"""Command line: `spqr quantize`, `eval`, `info`, `generate`, `bench` — a thin layer over the Python API."""
+"""Command line (quantize, eval, info, generate, bench, export, import): a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from spqr.config import CalibrationConfig, ConfigError, preset
 from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
+from spqr.format.spqr_quant import ConversionError
 from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
@@ -26,7 +27,8 @@ class Interrupted(Exception):
     """Ctrl-C during a command; the message says what was kept."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError,
+               ConversionError)
 
 
 def _qq_bits(text: str) -> int | None:
@@ -268,6 +270,22 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from spqr.interop import export_spqr_quant
+
+    out = export_spqr_quant(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (spqr_quant layout: transformers quant_method 'spqr', 3-bit 16x16 tiles, fp16 model)")
+    return {"output": str(out)}
+
+
+def cmd_import(args: argparse.Namespace) -> dict:
+    from spqr.interop import import_spqr_quant
+
+    out = import_spqr_quant(args.source, args.output, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return {"output": str(out)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spqr", description="SpQR compression of Hugging Face causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -324,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the unquantized parts (embeddings, norms, lm_head); default: as stored / float32")
     g.add_argument("--json", help="write tokens and timings as JSON to this path")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="convert a checkpoint to another format")
+    x.add_argument("checkpoint", help="checkpoint directory written by `spqr quantize`")
+    x.add_argument("--to", choices=["spqr_quant"], default="spqr_quant",
+                   help="spqr_quant: the authors' GPU format that transformers' quant_method 'spqr' loads")
+    x.add_argument("-o", "--output", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="convert a checkpoint of another format into ours")
+    im.add_argument("source", help="directory of a spqr_quant (transformers quant_method 'spqr') checkpoint")
+    im.add_argument("--from", dest="source_format", choices=["spqr_quant"], default="spqr_quant")
+    im.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    im.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="time the kernels against torch's F.linear, and optionally generation")
     b.add_argument("--shapes", type=lambda t: [_shape(v) for v in t.split(",")],

@@ -208,7 +208,7 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict without tied duplicates (safetensors refuses shared storage).
 
     Empty tensors (e.g. a layer without outliers) all sit at address 0 and are never duplicates.
@@ -239,7 +239,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
         raise ValueError("the model has no SpQRLinear layers: quantize it first")
     not_converted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        checksums = write_weights(tmp, _unique_state_dict(model))
+        checksums = write_weights(tmp, unique_state_dict(model))
         config = model.config.to_dict()
         # The dense parameters' actual dtype (the config may predate a model.to(dtype)).
         config["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
