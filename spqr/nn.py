@@ -15,8 +15,8 @@ class SpQRLinear(nn.Module):
 
     The packed tensors are buffers, so they follow .to(device) and appear in state_dict under
     the layer's name (e.g. `model.layers.0.self_attn.q_proj.qweight`). forward computes from
-    them through the registered op torch.ops.spqr.linear (spqr.kernels: C kernels on CPU);
-    with `use_reference = True` it decodes W exactly and calls F.linear instead.
+    them through the registered op torch.ops.spqr.linear (spqr.kernels: C kernels on CPU, Triton
+    on CUDA); with `use_reference = True` it decodes W exactly and calls F.linear instead.
     """
 
     use_reference: bool = False

@@ -73,6 +73,11 @@ class LayerSpec:
         return -(-self.in_features // self.beta1)
 
     @property
+    def kernel_friendly(self) -> bool:
+        """Groups hold whole 16-column halves of a 32-column chunk: what the CPU and Triton kernels need."""
+        return self.beta1 % 16 == 0
+
+    @property
     def index_dtype(self) -> torch.dtype:
         return torch.int16 if self.in_features <= INT16_MAX_INDEX else torch.int32
 
@@ -192,7 +197,7 @@ def upgrade_tensor(version: int, key: str, tensor: torch.Tensor) -> torch.Tensor
 
 def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:
     """Row index of every stored outlier [nnz] (int64), from CSR row pointers [out + 1]."""
-    return torch.repeat_interleave(torch.arange(out_features), row_ptr.long().diff())
+    return torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), row_ptr.long().diff())
 
 
 def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -39,7 +39,7 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
                kernels: cpu.CpuKernels | None = None) -> torch.Tensor:
     """x [..., in] (CPU) -> [..., out] in x's dtype through the C kernels, computing in fp32."""
     kernels = kernels or cpu.load()
-    if kernels is None or not kernels.supports(spec):
+    if kernels is None or not spec.kernel_friendly:
         return reference_linear(spec, t, x)
     y = kernels.matmul(spec, t, x.reshape(-1, spec.in_features).to(torch.float32).contiguous())
     return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
@@ -68,7 +68,7 @@ def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) ->
         return reference_linear(spec, t, x)
     from spqr.kernels import gpu
 
-    return gpu.triton_linear(spec, t, x) if gpu.supports(spec) else reference_linear(spec, t, x)
+    return gpu.triton_linear(spec, t, x) if spec.kernel_friendly else reference_linear(spec, t, x)
 
 
 def _unpack_args(x: torch.Tensor, qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,

@@ -60,10 +60,6 @@ class CpuKernels:
         self._gemm.restype = ctypes.c_int
         self._layers: dict[tuple, LayerStruct] = {}
 
-    @staticmethod
-    def supports(spec: LayerSpec) -> bool:
-        return spec.beta1 % 16 == 0
-
     def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
                gemv_max_rows: int = 8) -> torch.Tensor:
         """x [M, in] fp32 contiguous (original column order) -> [M, out] fp32 (bias not added).

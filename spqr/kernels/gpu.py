@@ -100,10 +100,6 @@ def _outlier_kernel(x_ptr, y_ptr, row_ptr, col_ptr, val_ptr, perm_ptr, M, stride
     tl.store(y_ptr + m * stride_ym + row, y + acc, mask=m < M)
 
 
-def supports(spec: LayerSpec) -> bool:
-    return spec.beta1 % 16 == 0
-
-
 def triton_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype (bias not added), computed in fp32 by the Triton kernels."""
     flat = x.reshape(-1, spec.in_features).contiguous()

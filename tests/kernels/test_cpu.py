@@ -121,7 +121,7 @@ def test_matrix_kernel_decodes_bit_exactly(kern, perm):
 
 def test_beta1_not_a_multiple_of_16_uses_the_reference_path():
     layer = random_packed_layer(20, 40, 3, 24, 16, 3, 0.02, seed=5)
-    assert not cpu.CpuKernels.supports(layer.spec)
+    assert not layer.spec.kernel_friendly
     x = torch.randn(3, 40)
     assert torch.equal(kernels.cpu_linear(layer.spec, layer.tensors, x),
                        kernels.reference_linear(layer.spec, layer.tensors, x))
@@ -170,3 +170,12 @@ def test_non_contiguous_buffers_are_refused(kern):
     t["qweight"] = torch.cat([t["qweight"], t["qweight"]], dim=1)[:, ::2]
     with pytest.raises(ValueError, match="qweight must be a contiguous CPU tensor"):
         kern.matmul(layer.spec, t, torch.randn(1, 64))
+
+
+def test_the_op_compiles_into_a_torch_compile_graph():
+    from spqr.nn import SpQRLinear
+
+    layer = SpQRLinear.from_packed(random_packed_layer(40, 64, 3, 16, 16, 3, 0.02, bias=True, seed=9))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(compiled(x), layer(x))

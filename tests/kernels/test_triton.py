@@ -62,4 +62,4 @@ def test_output_shape_and_dtype():
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
     y = gpu.triton_linear(layer.spec, layer.tensors, x)
     assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
-    assert not gpu.supports(random_packed_layer(8, 24, 3, 24, 16, 3, 0.0).spec)
+    assert not random_packed_layer(8, 24, 3, 24, 16, 3, 0.0).spec.kernel_friendly
