@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/spqr quantize -o out/smollm2-spqr-w3 --overwrite --eval --max-windows 64 --json out/smollm2-spqr-w3.json
 .venv/bin/spqr info out/smollm2-spqr-w3
+.venv/bin/spqr generate out/smollm2-spqr-w3 --prompt "The history of the Roman Republic" --max-new-tokens 32
