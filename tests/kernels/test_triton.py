@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined; TRITON_INTERPRET=0 on a GPU
 gpu = importlib.reload(sys.modules["spqr.kernels.gpu"]) if "spqr.kernels.gpu" in sys.modules else \
     importlib.import_module("spqr.kernels.gpu")
 
