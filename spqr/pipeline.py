@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from spqr.algo.engine import HessianError, quantize_weights
 from spqr.config import CalibrationConfig, QuantConfig
 from spqr.data import DataError, calibration_windows, load_text, tokenize
+from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
     ShardedWeights,
@@ -279,7 +280,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     store, first_block = None, 0
     if progress_dir is not None:
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
-        fingerprint = run_fingerprint(config.to_dict(), skip, str(forward_dtype), batch_size, model.config.to_dict(),
+        # the packed format version too: a block saved in another layout must not be read as this one
+        fingerprint = run_fingerprint(FORMAT_VERSION, config.to_dict(), skip, str(forward_dtype), batch_size,
+                                      model.config.to_dict(),
                                       tensors=(first_weight,) if calibration is None else (first_weight, calibration))
         store = ProgressStore(progress_dir, fingerprint)
         first_block = store.next_block()

@@ -72,6 +72,14 @@ def test_progress_of_another_run_is_ignored(tmp_path):
     assert [r.relative_error for r in report.layers] == [r.relative_error for r in fresh_report.layers]
 
 
+def test_progress_written_in_another_format_version_is_ignored(tmp_path, monkeypatch):
+    progress_dir = tmp_path / "progress"
+    _run(tmp_path, "first", progress_dir)
+    monkeypatch.setattr(spqr.pipeline, "FORMAT_VERSION", spqr.pipeline.FORMAT_VERSION + 1)
+    monkeypatch.setattr(spqr.pipeline.ProgressStore, "load_block", lambda *a: pytest.fail("read an old block"))
+    _run(tmp_path, "second", progress_dir)
+
+
 @pytest.fixture(scope="module")
 def deep_model_dir(tmp_path_factory, tokenizer):
     """A tiny llama with 8 blocks, so that a kill often lands in the middle of the block loop."""
