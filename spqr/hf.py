@@ -261,6 +261,27 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
     return Path(out_dir)
 
 
+def module_entry(model: nn.Module, name: str, entry: object) -> tuple[LayerSpec, int | None]:
+    """(spec, outlier count or None) of one entry of a checkpoint's `modules` table, checked against the
+    model: `name` must be a Linear of the entry's shape. Raises ValueError saying what is wrong."""
+    try:
+        if not isinstance(entry, dict):
+            raise TypeError("expected a JSON object")
+        outliers = entry.get("outliers")  # absent in checkpoints written before it was recorded
+        if "outliers" in entry and (type(outliers) is not int or outliers < 0):
+            raise ValueError(f"outliers must be a non-negative integer, got {outliers!r}")
+        spec = LayerSpec(**{k: v for k, v in entry.items() if k != "outliers"})
+        linear = model.get_submodule(name)
+    except (TypeError, AttributeError) as e:
+        raise ValueError(str(e)) from e
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"{name} is not a Linear layer of this model")
+    if (linear.out_features, linear.in_features) != (spec.out_features, spec.in_features):
+        raise ValueError(f"the model config makes it {linear.out_features}x{linear.in_features}, "
+                         f"the quantized layer is {spec.out_features}x{spec.in_features}")
+    return spec, outliers
+
+
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
 
@@ -295,19 +316,8 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
 
     for name, spec_dict in modules.items():
         try:
-            if not isinstance(spec_dict, dict):
-                raise TypeError("expected a JSON object")
-            outliers = spec_dict.get("outliers")  # absent in checkpoints written before it was recorded
-            if "outliers" in spec_dict and (type(outliers) is not int or outliers < 0):
-                raise ValueError(f"outliers must be a non-negative integer, got {outliers!r}")
-            spec = LayerSpec(**{k: v for k, v in spec_dict.items() if k != "outliers"})
-            linear = model.get_submodule(name)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"{name} is not a Linear layer of this model")
-            if (linear.out_features, linear.in_features) != (spec.out_features, spec.in_features):
-                raise ValueError(f"the model config makes it {linear.out_features}x{linear.in_features}, "
-                                 f"the quantized layer is {spec.out_features}x{spec.in_features}")
-        except (TypeError, ValueError, AttributeError) as e:
+            spec, outliers = module_entry(model, name, spec_dict)
+        except ValueError as e:
             raise CheckpointError(f"{path}: config.json entry for module {name} is invalid: {e}") from e
         expected = spec.expected_tensors(bias_dtype=stored_dtype)
         layer_tensors = {}

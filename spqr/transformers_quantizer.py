@@ -22,7 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
 from spqr.format.layout import LayerSpec, validate_layer
-from spqr.hf import set_submodule
+from spqr.hf import module_entry, set_submodule
 from spqr.nn import SpQRLinear
 
 
@@ -42,21 +42,6 @@ class SpQRPackedConfig(QuantizationConfigMixin):
         return {key: value for key, value in self.__dict__.items() if not key.startswith("_") and key != "checksums"}
 
 
-def _layer_specs(config: SpQRPackedConfig) -> dict[str, tuple[LayerSpec, int]]:
-    if config.format_version != FORMAT_VERSION:
-        raise ValueError(f"this checkpoint has spqr format version {config.format_version!r}; transformers "
-                         f"loading needs version {FORMAT_VERSION}: load it with spqr.load_quantized(DIR), which "
-                         "converts older versions, and save it again with spqr.save_quantized")
-    specs = {}
-    for name, spec_dict in config.modules.items():
-        if not isinstance(spec_dict, dict) or type(spec_dict.get("outliers")) is not int:
-            raise ValueError(f"module {name}: the config does not record its outlier count; load the checkpoint "
-                             "with spqr.load_quantized(DIR) and save it again with spqr.save_quantized")
-        spec_fields = {k: v for k, v in spec_dict.items() if k != "outliers"}
-        specs[name] = (LayerSpec(**spec_fields), spec_dict["outliers"])
-    return specs
-
-
 @register_quantizer(FORMAT_NAME)
 class SpQRPackedQuantizer(HfQuantizer):
     """Loads pre-quantized spqr_packed checkpoints (it does not quantize)."""
@@ -64,22 +49,31 @@ class SpQRPackedQuantizer(HfQuantizer):
     requires_calibration = True
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        self._specs = _layer_specs(self.quantization_config)
+        version = self.quantization_config.format_version
+        if version != FORMAT_VERSION:
+            raise ValueError(f"this checkpoint has spqr format version {version!r}; transformers loading needs "
+                             f"version {FORMAT_VERSION}: load it with spqr.load_quantized(DIR), which converts "
+                             "older versions, and save it again with spqr.save_quantized")
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        for name, (spec, outliers) in self._specs.items():
+        self._specs: dict[str, LayerSpec] = {}
+        for name, entry in self.quantization_config.modules.items():
+            try:
+                spec, outliers = module_entry(model, name, entry)
+            except ValueError as e:
+                raise ValueError(f"quantization_config entry for module {name} is invalid: {e}") from e
+            if outliers is None:
+                raise ValueError(f"module {name}: the config does not record its outlier count; load the "
+                                 "checkpoint with spqr.load_quantized(DIR) and save it again with spqr.save_quantized")
+            self._specs[name] = spec
             linear = model.get_submodule(name)
-            if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
-                    spec.out_features, spec.in_features):
-                raise ValueError(f"module {name} of this model is not a {spec.out_features}x{spec.in_features} "
-                                 "Linear as the quantization config says")
             bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
             placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
                             for key, (shape, dtype) in spec.expected_tensors(bias_dtype).items()}
             set_submodule(model, name, SpQRLinear(spec, placeholders))
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        for name, (spec, _) in self._specs.items():
+        for name, spec in self._specs.items():
             layer = model.get_submodule(name)
             expected = spec.expected_tensors()
             for key, tensor in list(layer._buffers.items()):
