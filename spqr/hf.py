@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 from pathlib import Path
@@ -51,15 +50,6 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
         return False
     qc = read_config(p).get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME
-
-
-def release_freed_memory() -> None:
-    """Hand freed memory back to the OS (glibc keeps it in its heaps otherwise, and resident memory
-    stays at its peak: e.g. a block's weights per quantized block, or a checkpoint's fp32 copy after a cast)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def load_model(source: str | Path | None = None, dtype: torch.dtype | None = None):

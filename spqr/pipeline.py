@@ -9,6 +9,7 @@ with its quantized weights to produce the next block's inputs.
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,13 +29,21 @@ from spqr.hf import (
     block_linears,
     find_decoder_blocks,
     materialize,
-    release_freed_memory,
     set_submodule,
 )
 from spqr.nn import SpQRLinear
 from spqr.resume import ProgressStore, run_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps it in its heaps otherwise,
+    and resident memory would grow by about a block's weights per block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class QuantizationError(RuntimeError):
@@ -352,7 +361,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)
-        release_freed_memory()
+        _release_freed_memory()
         bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
         log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
 
