@@ -24,10 +24,16 @@ from pathlib import Path
 
 import torch
 
-from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
+from spqr.bench import (
+    SYNTHETIC_LLAMA,
+    bench_linear_shape,
+    memory_bandwidth_gbs,
+    replace_with_random_spqr,
+    synthetic_llama,
+)
 from spqr.data import load_text, tokenize
 from spqr.generate import generate, use_reference
-from spqr.hf import block_linears, find_decoder_blocks, load_model, load_quantized, set_submodule
+from spqr.hf import load_model, load_quantized
 from spqr.kernels import cpu
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -92,24 +98,12 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
 
 
 def synthetic_llama_section(tokens: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from spqr.format.synthetic import random_packed_layer
-    from spqr.nn import SpQRLinear
-
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = synthetic_llama()
     params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, config.vocab_size, (1, 32))
+    ids = torch.randint(0, model.config.vocab_size, (1, 32))
     fp32 = _generation(model, ids, tokens)
     log(f"synthetic llama ({params / 1e9:.2f}B params) fp32: decode {fp32['decode_tokens_per_second']:.2f} tok/s")
-    _, blocks = find_decoder_blocks(model)
-    for block_index, block in enumerate(blocks):
-        for name, linear in block_linears(block).items():
-            packed = random_packed_layer(linear.out_features, linear.in_features, 3, 16, 16, 3, 0.01, seed=block_index)
-            set_submodule(block, name, SpQRLinear.from_packed(packed))
+    replace_with_random_spqr(model)
     spqr = _generation(model, ids, tokens)
     speedup = spqr["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
     log(f"synthetic llama 3-bit: decode {spqr['decode_tokens_per_second']:.2f} tok/s ({speedup:.2f}x fp32)")
@@ -117,7 +111,7 @@ def synthetic_llama_section(tokens: int) -> dict:
     speedup_bf16 = spqr_bf16["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
     log(f"synthetic llama 3-bit, unquantized parts bf16: decode {spqr_bf16['decode_tokens_per_second']:.2f} "
         f"tok/s ({speedup_bf16:.2f}x fp32)")
-    return {"parameters": params, "config": "llama hidden 2048, mlp 5632, 22 layers, 32/4 heads, vocab 32000",
+    return {"parameters": params, "config": SYNTHETIC_LLAMA,
             "fp32": fp32, "spqr": spqr, "decode_speedup_vs_fp32": speedup, "meets_2_5x": speedup >= 2.5,
             "spqr_unquantized_bf16": spqr_bf16, "decode_speedup_vs_fp32_unquantized_bf16": speedup_bf16}
 

@@ -19,11 +19,8 @@ from pathlib import Path
 
 import torch
 
-from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
-from spqr.format.synthetic import random_packed_layer
+from spqr.bench import bench_linear_shape, memory_bandwidth_gbs, replace_with_random_spqr, synthetic_llama
 from spqr.generate import generate
-from spqr.hf import block_linears, find_decoder_blocks, set_submodule
-from spqr.nn import SpQRLinear
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 28672)]
 
@@ -53,19 +50,10 @@ def main() -> None:
             result["matmul"].append(m)
             print(f"matmul {out}x{inp} rows={rows}: spqr {m['spqr_ms']:.4f} ms, fp16 {m['float16_ms']:.4f} ms "
                   f"({m['speedup_vs_float16']:.2f}x)", flush=True)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float16).cuda().eval()
-    ids = torch.randint(0, config.vocab_size, (1, 32), device="cuda")
+    model = synthetic_llama(torch.float16, "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
     fp16 = generate(model, ids, args.tokens, stop_at_eos=False).to_dict()
-    _, blocks = find_decoder_blocks(model)
-    for index, block in enumerate(blocks):
-        for name, linear in block_linears(block).items():
-            packed = random_packed_layer(linear.out_features, linear.in_features, 3, 16, 16, 3, 0.01, seed=index)
-            set_submodule(block, name, SpQRLinear.from_packed(packed).cuda())
+    replace_with_random_spqr(model)
     spqr = generate(model, ids, args.tokens, stop_at_eos=False).to_dict()
     result["generation"] = {"fp16": fp16, "spqr": spqr,
                             "decode_speedup": spqr["decode_tokens_per_second"] / fp16["decode_tokens_per_second"]}

@@ -101,3 +101,31 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
             result[f"{name}_ms"] = 1e3 * value
             result[f"speedup_vs_{name}"] = value / seconds["spqr"]
     return result
+
+
+SYNTHETIC_LLAMA = "llama hidden 2048, mlp 5632, 22 layers, 32/4 heads, vocab 32000"
+
+
+def synthetic_llama(dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """A ~1.1B-parameter llama (SYNTHETIC_LLAMA) with random weights, seeded, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
+
+
+def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_share: float = 0.01) -> torch.nn.Module:
+    """Every Linear of the decoder blocks becomes a random packed SpQR layer of the same shape (in place):
+    the speed of a quantized model without running a quantization."""
+    from spqr.hf import block_linears, find_decoder_blocks, set_submodule
+    from spqr.nn import SpQRLinear
+
+    _, blocks = find_decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, linear in block_linears(block).items():
+            packed = random_packed_layer(linear.out_features, linear.in_features, wbits, 16, 16, 3, outlier_share,
+                                         seed=index)
+            set_submodule(block, name, SpQRLinear.from_packed(packed).to(linear.weight.device))
+    return model
