@@ -15,6 +15,7 @@ from spqr.format.io import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_directory,
+    deferred_interrupt,
     read_config,
     read_quantization_config,
     read_weights,
@@ -114,10 +115,11 @@ class ShardedWeights:
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
-        for file, file_names in by_file.items():
-            with safe_open(str(file), "pt") as f:
-                for name in file_names:
-                    out[name] = f.get_tensor(name)
+        with deferred_interrupt():
+            for file, file_names in by_file.items():
+                with safe_open(str(file), "pt") as f:
+                    for name in file_names:
+                        out[name] = f.get_tensor(name)
         return out
 
 

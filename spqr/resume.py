@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from spqr.format.io import deferred_interrupt
 from spqr.format.layout import LayerSpec, PackedLinear
 
 STATE_NAME = "state.json"
@@ -89,9 +90,10 @@ class ProgressStore:
     def load_block(self, index: int) -> tuple[dict[str, PackedLinear], list[dict]]:
         """Packed layers by full name, and the LayerReport fields, of a finished block."""
         path = self.directory / f"block_{index:04d}.safetensors"
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata()
+        with deferred_interrupt():
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata()
         specs = json.loads(metadata["specs"])
         layers = {name: PackedLinear(LayerSpec(**spec), {}) for name, spec in specs.items()}
         for key, t in tensors.items():
@@ -101,7 +103,8 @@ class ProgressStore:
 
     def load_activations(self, block: int) -> list[torch.Tensor]:
         """The calibration hidden states entering `block`, one tensor per batch."""
-        tensors = load_file(str(self.directory / _activations_name(block)))
+        with deferred_interrupt():
+            tensors = load_file(str(self.directory / _activations_name(block)))
         return [tensors[k] for k in sorted(tensors)]
 
     def remove(self) -> None:

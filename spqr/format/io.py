@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +124,25 @@ def read_quantization_config(config: dict, directory: str | os.PathLike) -> dict
     return qc
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C while native code reads tensors, then raise it: a KeyboardInterrupt that lands inside
+    safetensors' callbacks into Python comes out as an unrelated ValueError. A no-op off the main thread
+    or when SIGINT has a handler of its own."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def read_weights(directory: str | os.PathLike, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
     """Load directory/model.safetensors, verifying its sha256 when checksums are given."""
     path = Path(directory) / WEIGHTS_NAME
@@ -134,6 +155,7 @@ def read_weights(directory: str | os.PathLike, checksums: dict[str, str] | None)
             raise CheckpointError(f"{path} is corrupt or was modified: sha256 {actual} does not match "
                                   f"the recorded {expected}")
     try:
-        return load_file(str(path))
+        with deferred_interrupt():
+            return load_file(str(path))
     except Exception as e:  # safetensors raises several types for truncated/garbled files
         raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from e

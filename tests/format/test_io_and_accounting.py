@@ -261,3 +261,19 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
         (tmp / "x").write_text("done")
     assert not stale.exists()
     assert (tmp_path / "out" / "x").read_text() == "done"
+
+
+def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
+    import os
+    import signal
+
+    from spqr.format.io import deferred_interrupt
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, inside the block
+            reached_end = True
+    assert reached_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with deferred_interrupt():  # nothing pending: nothing raised
+        pass
