@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import ctypes
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from spqr.hf import (
     set_submodule,
 )
 from spqr.nn import SpQRLinear
-from spqr.resume import ProgressStore, run_fingerprint
+from spqr.resume import OffloadedHidden, ProgressStore, hidden_tensor, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +122,26 @@ def _cast_floats(value, dtype: torch.dtype | None):
     return value
 
 
+# How the hidden states of one batch are kept: given (batch index, tensor), returns the tensor
+# itself, or a handle to a copy on disk (activation offloading).
+Keep = Callable[[int, torch.Tensor], "torch.Tensor | OffloadedHidden | None"]
+
+
+def _in_memory(batch: int, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
 @torch.inference_mode()
 def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor],
-                          dtype: torch.dtype | None = None):
-    """Run the model up to its first block; return per batch (hidden_states, kwargs of the block call),
-    floating-point tensors cast to dtype if given."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+                          keep: Keep = _in_memory, dtype: torch.dtype | None = None):
+    """Run the model up to its first block; return per batch (hidden_states as `keep` keeps them,
+    kwargs of the block call), floating-point tensors cast to dtype if given."""
+    captured: list[tuple] = []
 
     def hook(module, args, kwargs):
         kwargs = {k: _cast_floats(v, dtype) for k, v in kwargs.items()}
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((_cast_floats(hidden, dtype), kwargs))
+        captured.append((keep(len(captured), _cast_floats(hidden, dtype)), kwargs))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -144,11 +156,12 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: lis
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[tuple], keep: Keep = _in_memory) -> list:
+    """The block's outputs for every batch of inputs, each kept by `keep`."""
     outputs = []
-    for hidden, kwargs in inputs:
-        out = block(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
+    for index, (hidden, kwargs) in enumerate(inputs):
+        out = block(hidden_tensor(hidden), **kwargs)
+        outputs.append(keep(index, out[0] if isinstance(out, tuple) else out))
     return outputs
 
 
@@ -196,11 +209,11 @@ class _HessianCollector:
         self.tokens[leader] = self.tokens.get(leader, 0) + flat.shape[0]
         self.seconds += time.perf_counter() - start
 
-    def run(self, block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> None:
+    def run(self, block: nn.Module, inputs: list[tuple]) -> None:
         """Feed every calibration batch through the block, accumulating the Hessians."""
         for hidden, kwargs in inputs:
             try:
-                block(hidden, **kwargs)
+                block(hidden_tensor(hidden), **kwargs)
             except _StopForward:
                 pass
             self._seen.clear()
@@ -249,7 +262,7 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
-             progress: bool = True) -> QuantizationReport:
+             offload_activations: bool = False, progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
@@ -258,9 +271,13 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     forward passes in this dtype (e.g. torch.bfloat16, several times faster on CPUs with AMX);
     the weights are still quantized from their original values and Hessians accumulate in fp32.
     progress_dir: keep each finished block (and the activations entering the next) there, and
-    resume from what is there when the same run is started again (see spqr.resume).
+    resume from what is there when the same run is started again (see spqr.resume). Finished
+    blocks' packed tensors are then used memory-mapped from there, not held in memory.
     block_weights: for a model from `load_model_lazy` (blocks on the meta device), the checkpoint
     each block is loaded from just before it is quantized, so only one dense block is in memory.
+    offload_activations: keep the calibration activations in files (in progress_dir, or a
+    temporary directory) and read one batch at a time, instead of holding them all in memory.
+    The result does not depend on progress_dir or offload_activations (byte-identical).
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -271,7 +288,21 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     max_len = getattr(model.config, "max_position_embeddings", None)
     if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
+    offload_activations = offload_activations and config.needs_hessian
+    scratch = None
+    if offload_activations and progress_dir is None:
+        progress_dir = scratch = tempfile.mkdtemp(prefix="spqr-activations-")
+    try:
+        return _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
+                                progress_dir, block_weights, offload_activations, progress, report, total_start)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
+
+def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
+                     progress_dir, block_weights, offload, progress, report, total_start) -> QuantizationReport:
+    """The body of `quantize` (arguments checked, progress_dir set when offloading)."""
     dense_dtype = model.get_input_embeddings().weight.dtype
 
     def load_block(index: int) -> None:
@@ -279,13 +310,6 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             materialize(blocks[index], f"{blocks_name}.{index}.", block_weights, dense_dtype)
 
     load_block(0)
-    inputs: list[tuple[torch.Tensor, dict]] = []
-    if config.needs_hessian:
-        start = time.perf_counter()
-        batches = list(calibration.split(batch_size))
-        inputs = _capture_block_inputs(model, blocks[0], batches, forward_dtype)
-        report.seconds_forward += time.perf_counter() - start
-
     store, first_block = None, 0
     if progress_dir is not None:
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
@@ -295,16 +319,33 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                                       tensors=(first_weight,) if calibration is None else (first_weight, calibration))
         store = ProgressStore(progress_dir, fingerprint)
         first_block = store.next_block()
-        if first_block:
-            log.info("resuming from block %d (finished blocks read from %s)", first_block, progress_dir)
-            for index in range(first_block):
-                layers, reports = store.load_block(index)
-                for name, packed in layers.items():
-                    set_submodule(model, name, SpQRLinear.from_packed(packed))
-                load_block(index)  # the block's other tensors (norms), if it was left on meta
-                report.layers.extend(LayerReport(**r) for r in reports)
-            if config.needs_hessian and first_block < len(blocks):
-                inputs = [(hidden, kwargs) for hidden, (_, kwargs) in zip(store.load_activations(first_block), inputs)]
+
+    def keep(block: int) -> Keep:
+        """How the hidden states entering `block` are kept: on disk when offloading, else in memory."""
+        if offload:
+            return lambda batch, hidden: store.write_activation(block, batch, hidden)
+        return _in_memory
+
+    inputs: list[tuple] = []
+    if config.needs_hessian:
+        start = time.perf_counter()
+        batches = list(calibration.split(batch_size))
+        # when resuming, only the block call's other arguments are needed: the hidden states are on disk
+        inputs = _capture_block_inputs(model, blocks[0], batches,
+                                       (lambda batch, hidden: None) if first_block else keep(0), forward_dtype)
+        report.seconds_forward += time.perf_counter() - start
+
+    if first_block:
+        log.info("resuming from block %d (finished blocks read from %s)", first_block, progress_dir)
+        for index in range(first_block):
+            layers, reports = store.load_block(index)
+            for name, packed in layers.items():
+                set_submodule(model, name, SpQRLinear.from_packed(packed))
+            load_block(index)  # the block's other tensors (norms), if it was left on meta
+            report.layers.extend(LayerReport(**r) for r in reports)
+        if config.needs_hessian and first_block < len(blocks):
+            inputs = [(hidden, kwargs) for hidden, (_, kwargs)
+                      in zip(store.load_activations(first_block, offload), inputs)]
 
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
                initial=first_block, total=len(blocks))
@@ -344,20 +385,23 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                 forward_linears if forward_block is not block else None))
         report.seconds_engine += time.perf_counter() - start
 
-        if config.needs_hessian and index + 1 < len(blocks):
+        needed = config.needs_hessian and index + 1 < len(blocks)
+        if needed:
             start = time.perf_counter()
             with torch.inference_mode():
-                outputs = _run_block(forward_block, inputs)
+                outputs = _run_block(forward_block, inputs, keep(index + 1))
             inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
             report.seconds_forward += time.perf_counter() - start
 
-        for name, packed in packed_layers.items():
-            set_submodule(block, name, SpQRLinear.from_packed(packed))
         block_reports = report.layers[first_report:]
         if store is not None:
-            needed = config.needs_hessian and index + 1 < len(blocks)
             store.save_block(index, {prefix + name: p for name, p in packed_layers.items()}, block_reports,
                              [hidden for hidden, _ in inputs] if needed else None)
+            # From here on the block's packed tensors are used memory-mapped from the progress file:
+            # finished blocks do not accumulate in memory.
+            packed_layers = {name.removeprefix(prefix): p for name, p in store.load_block(index)[0].items()}
+        for name, packed in packed_layers.items():
+            set_submodule(block, name, SpQRLinear.from_packed(packed))
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)

@@ -3,12 +3,15 @@
 A progress directory holds, after each finished decoder block:
 - `block_NNNN.safetensors`: the packed tensors of the block's quantized Linears (names relative
   to the model) with the block's LayerReports in the metadata;
-- `activations_NNNN.safetensors`: the calibration hidden states entering block NNNN (the next);
+- `activations_NNNN/batch_XXXXX.safetensors`: the calibration hidden states entering block NNNN
+  (the next), one file per batch. With activation offloading they are written there as the
+  block's forward pass produces them and read back one batch at a time, so the calibration
+  activations never need to fit in memory;
 - `state.json`: the next block to quantize and a fingerprint of the run's inputs.
-Each file is written to a temporary name and renamed into place, and state.json is written
-last, so whatever instant the process dies at, the directory describes a consistent state.
-A resumed run recomputes nothing that is on disk and produces the same bytes as an
-uninterrupted one (the saved activations are exact).
+Every file is flushed to disk before state.json, written last (to a temporary name, then
+renamed), points at it, so whatever instant the process dies at, the directory describes a
+consistent state. A resumed run recomputes nothing that is on disk and produces the same bytes
+as an uninterrupted one (the saved activations are exact).
 """
 
 from __future__ import annotations
@@ -17,21 +20,34 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from spqr.format.io import deferred_interrupt
+from spqr.format.io import deferred_interrupt, save_safetensors
 from spqr.format.layout import LayerSpec, PackedLinear
 
 STATE_NAME = "state.json"
+LAYOUT = 2  # of the progress directory; state.json of another layout is ignored (the run starts over)
 
 
-def _activations_name(block: int) -> str:
-    return f"activations_{block:04d}.safetensors"
+@dataclass(frozen=True)
+class OffloadedHidden:
+    """One batch of calibration hidden states kept in a file; `load()` reads it (memory-mapped)."""
+
+    path: Path
+
+    def load(self) -> torch.Tensor:
+        with deferred_interrupt():
+            return load_file(str(self.path))["hidden"]
+
+
+def hidden_tensor(hidden: torch.Tensor | OffloadedHidden) -> torch.Tensor:
+    """The tensor of one batch of hidden states, wherever it is kept."""
+    return hidden.load() if isinstance(hidden, OffloadedHidden) else hidden
 
 
 def run_fingerprint(*parts: object, tensors: tuple[torch.Tensor, ...] = ()) -> str:
@@ -40,14 +56,6 @@ def run_fingerprint(*parts: object, tensors: tuple[torch.Tensor, ...] = ()) -> s
     for t in tensors:
         digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ProgressStore:
@@ -66,26 +74,41 @@ class ProgressStore:
             state = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             return 0
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") != self.fingerprint or state.get("layout") != LAYOUT:
             return 0
         return int(state["next_block"])
 
+    def _activations_dir(self, block: int) -> Path:
+        return self.directory / f"activations_{block:04d}"
+
+    def write_activation(self, block: int, batch: int, hidden: torch.Tensor) -> OffloadedHidden:
+        """Write one batch of the hidden states entering `block` (flushed); returns its handle."""
+        directory = self._activations_dir(block)
+        if batch == 0:  # left over from an attempt at this block that was interrupted
+            shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"batch_{batch:05d}.safetensors"
+        save_safetensors({"hidden": hidden}, path)
+        return OffloadedHidden(path)
+
     def save_block(self, index: int, packed: dict[str, PackedLinear], reports: list,
-                   activations: list[torch.Tensor] | None) -> None:
+                   activations: list[torch.Tensor | OffloadedHidden] | None) -> None:
         """Record block `index` as finished: its packed layers (by full name), reports and the next
-        block's inputs (None when no further block needs them)."""
+        block's inputs (None when no further block needs them; batches already written with
+        `write_activation` are not written again)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{key}": t for name, layer in packed.items() for key, t in layer.tensors.items()}
         metadata = {"reports": json.dumps([asdict(r) for r in reports]),
                     "specs": json.dumps({name: layer.spec.to_dict() for name, layer in packed.items()})}
-        _atomic_save(tensors, self.directory / f"block_{index:04d}.safetensors", metadata)
+        save_safetensors(tensors, self.directory / f"block_{index:04d}.safetensors", metadata)
         if activations is not None:
-            _atomic_save({f"batch_{i:05d}": a for i, a in enumerate(activations)},
-                         self.directory / _activations_name(index + 1))
+            for batch, hidden in enumerate(activations):
+                if not isinstance(hidden, OffloadedHidden):
+                    self.write_activation(index + 1, batch, hidden)
         tmp = self.directory / (STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint}))
+        tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint, "layout": LAYOUT}))
         os.replace(tmp, self.directory / STATE_NAME)
-        (self.directory / _activations_name(index)).unlink(missing_ok=True)  # the previous block's inputs
+        shutil.rmtree(self._activations_dir(index), ignore_errors=True)  # the previous block's inputs
 
     def load_block(self, index: int) -> tuple[dict[str, PackedLinear], list[dict]]:
         """Packed layers by full name, and the LayerReport fields, of a finished block."""
@@ -101,11 +124,11 @@ class ProgressStore:
             layers[name].tensors[part] = t
         return layers, json.loads(metadata["reports"])
 
-    def load_activations(self, block: int) -> list[torch.Tensor]:
-        """The calibration hidden states entering `block`, one tensor per batch."""
-        with deferred_interrupt():
-            tensors = load_file(str(self.directory / _activations_name(block)))
-        return [tensors[k] for k in sorted(tensors)]
+    def load_activations(self, block: int, offload: bool = False) -> list[torch.Tensor | OffloadedHidden]:
+        """The calibration hidden states entering `block`, one per batch: tensors, or with `offload`
+        handles that read them when needed."""
+        paths = sorted(self._activations_dir(block).glob("batch_*.safetensors"))
+        return [OffloadedHidden(p) if offload else OffloadedHidden(p).load() for p in paths]
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

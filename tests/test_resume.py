@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import spqr.pipeline
+import spqr.resume
 from spqr.config import QuantConfig
 from spqr.hf import save_quantized
 from spqr.pipeline import quantize
@@ -27,9 +28,10 @@ def _sha(path: Path) -> str:
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-def _run(tmp_path: Path, name: str, progress_dir: Path | None) -> Path:
+def _run(tmp_path: Path, name: str, progress_dir: Path | None, offload: bool = False) -> Path:
     model = make_model("llama")
-    quantize(model, random_windows(6, 16), CONFIG, progress_dir=progress_dir, progress=False)
+    quantize(model, random_windows(6, 16), CONFIG, progress_dir=progress_dir, progress=False,
+             batch_size=2, offload_activations=offload)
     out = tmp_path / name
     save_quantized(model, out, CONFIG.to_dict())
     return out
@@ -60,6 +62,38 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     assert _sha(resumed) == _sha(reference)
 
 
+def test_offloaded_activations_give_the_same_checkpoint(tmp_path, monkeypatch):
+    reference = _run(tmp_path, "reference", None)
+    loads = []
+    real_load = spqr.resume.OffloadedHidden.load
+    monkeypatch.setattr(spqr.resume.OffloadedHidden, "load", lambda self: loads.append(self.path) or real_load(self))
+    # without a progress directory: a temporary one, removed afterwards
+    temporary = _run(tmp_path, "offloaded", None, offload=True)
+    assert _sha(temporary) == _sha(reference)
+    assert loads and not any(p.exists() for p in loads)
+    # with one: interrupted in block 1, resumed with the activations read from there
+    progress_dir = tmp_path / "progress"
+    real = spqr.pipeline.quantize_weights
+    calls = []
+
+    def interrupt_in_block_1(weights, hessian, config):
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return real(weights, hessian, config)
+
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", interrupt_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "interrupted", progress_dir, offload=True)
+    assert sorted(p.name for p in (progress_dir / "activations_0001").iterdir()) == [
+        f"batch_0000{i}.safetensors" for i in range(3)]  # 6 windows in batches of 2
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", real)
+    loads.clear()
+    resumed = _run(tmp_path, "resumed", progress_dir, offload=True)
+    assert _sha(resumed) == _sha(reference)
+    assert loads[0].parent.name == "activations_0001"
+
+
 def test_progress_of_another_run_is_ignored(tmp_path):
     progress_dir = tmp_path / "progress"
     _run(tmp_path, "first", progress_dir)
@@ -76,8 +110,12 @@ def test_progress_written_in_another_format_version_is_ignored(tmp_path, monkeyp
     progress_dir = tmp_path / "progress"
     _run(tmp_path, "first", progress_dir)
     monkeypatch.setattr(spqr.pipeline, "FORMAT_VERSION", spqr.pipeline.FORMAT_VERSION + 1)
-    monkeypatch.setattr(spqr.pipeline.ProgressStore, "load_block", lambda *a: pytest.fail("read an old block"))
+    original = spqr.pipeline.ProgressStore.next_block
+    starts = []
+    monkeypatch.setattr(spqr.pipeline.ProgressStore, "next_block",
+                        lambda self: starts.append(original(self)) or starts[-1])
     _run(tmp_path, "second", progress_dir)
+    assert starts == [0]
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +132,9 @@ def deep_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _cli(model_dir: Path, out: Path, text_file: Path) -> list[str]:
+def _cli(model_dir: Path, out: Path, text_file: Path, offload: bool = False) -> list[str]:
     return [sys.executable, "-m", "spqr.cli", "quantize", str(model_dir), "-o", str(out), "--nsamples", "256",
-            "--seqlen", "64", "--calib", str(text_file)]
+            "--seqlen", "64", "--calib", str(text_file)] + (["--offload-activations"] if offload else [])
 
 
 def _next_block(progress_dir: Path) -> int:
@@ -107,7 +145,8 @@ def _next_block(progress_dir: Path) -> int:
 
 
 def test_sigkill_at_random_points_then_resume_is_byte_identical(deep_model_dir, text_file, tmp_path):
-    """Kill the CLI (SIGKILL) at random moments after it made progress, 4 times; the 5th run finishes."""
+    """Kill the CLI (SIGKILL) at random moments after it made progress, 4 times; the 5th run finishes.
+    Runs alternate between activations in memory and offloaded to disk (both resume from either)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     subprocess.run(_cli(deep_model_dir, reference, text_file), check=True, env=env, capture_output=True)
@@ -116,7 +155,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(deep_model_dir, 
     seen = []
     for _ in range(4):
         before = _next_block(progress_dir)
-        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file), env=env,
+        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file, offload=len(seen) % 2 == 0), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while _next_block(progress_dir) == before and proc.poll() is None and time.monotonic() < deadline:

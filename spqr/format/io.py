@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 FORMAT_NAME = "spqr_packed"  # `quant_method` in config.json; distinct from transformers' built-in "spqr"
 FORMAT_VERSION = 3
@@ -92,13 +92,61 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> str:
+    """Write tensors (CPU) as a safetensors file, one tensor at a time; returns the file's sha256.
+
+    Unlike `safetensors.torch.save_file`, which first copies every tensor into one bytes buffer,
+    this needs no memory beyond the tensors themselves (a model's worth of packed layers is not
+    held twice). Written to a temporary name, flushed and renamed into place: readers never see
+    a partial file, and tensors memory-mapped from the file being replaced stay valid. Tensors
+    are stored sorted by name, the header padded with spaces to 8 bytes as safetensors does; the
+    bytes depend only on the input.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    names = sorted(tensors)
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    digest = hashlib.sha256()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in (len(encoded).to_bytes(8, "little"), encoded):
+            f.write(chunk)
+            digest.update(chunk)
+        for name in names:
+            t = tensors[name]
+            if t.numel():
+                data = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Write tensors to directory/model.safetensors; returns {file name: sha256}."""
-    path = directory / WEIGHTS_NAME
-    # One metadata entry only: safetensors writes several in a random order, which would make
-    # identical runs give different bytes. The format version lives in config.json.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    return {WEIGHTS_NAME: sha256_file(path)}
+    """Write tensors to directory/model.safetensors; returns {file name: sha256}.
+
+    Only one metadata entry: the format version lives in config.json."""
+    return {WEIGHTS_NAME: save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})}
 
 
 def read_config(directory: str | os.PathLike) -> dict:

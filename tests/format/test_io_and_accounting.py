@@ -17,6 +17,7 @@ from spqr.format.io import (
     read_config,
     read_quantization_config,
     read_weights,
+    save_safetensors,
     sha256_file,
     write_weights,
 )
@@ -96,6 +97,38 @@ def _fresh(root, i):
     d = root / f"d{i}"
     d.mkdir()
     return d
+
+
+def test_save_safetensors_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "i64": torch.arange(5),
+        "i32": torch.randint(-9, 9, (4, 3), generator=g, dtype=torch.int32),
+        "i16": torch.tensor([-3, 7], dtype=torch.int16),
+        "u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5), "strided": torch.randn(6, 4, generator=g).T,
+    }
+    path = tmp_path / "x.safetensors"
+    digest = save_safetensors(tensors, path, metadata={"k": "v"})
+    assert digest == sha256_file(path)
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape
+        assert torch.equal(loaded[name], t), name
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+    again = tmp_path / "y.safetensors"
+    assert save_safetensors(dict(reversed(tensors.items())), again, metadata={"k": "v"}) == digest
+
+
+def test_save_safetensors_refuses_unsupported_dtypes(tmp_path):
+    with pytest.raises(TypeError, match="'c'.*complex"):
+        save_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.safetensors")
 
 
 def test_read_config(tmp_path):
