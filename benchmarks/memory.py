@@ -1,17 +1,25 @@
-"""Peak memory of quantizing a model that is much larger than what stays resident.
+"""Peak memory of quantizing a model twice as large as the memory it is allowed to use.
 
-Builds a synthetic llama (random weights) of about --gb GB in fp32, saves it as safetensors
-shards, then runs `spqr quantize` on it in a fresh process and reports that process's peak RSS
-next to the size of the model's weights. With lazy block loading only the embeddings, one dense
-decoder block, the packed blocks so far and the calibration activations are in memory.
+Builds a synthetic llama (random weights) of about 2.5 GB in fp32, saves it as safetensors
+shards, then runs `spqr quantize` on it in a fresh process confined to a memory cgroup whose
+limit is --limit-fraction (default 1/2) of the model's weight bytes (no swap: if the process
+needed more than the limit it would be killed). Reports whether it finished, its peak RSS
+(VmHWM, which also counts memory-mapped file pages) and the cgroup's peak usage, next to the
+weight bytes. Where no cgroup can be created (not root, read-only cgroupfs) it runs unconfined
+and says so ("limit_enforced": false).
 
-    .venv/bin/python benchmarks/memory.py --out results/memory.json
+With lazy block loading only the embeddings, one dense decoder block, the calibration
+activations (on disk with --offload-activations) and the Python/torch runtime are resident;
+finished blocks are memory-mapped from the progress directory.
+
+    sudo .venv/bin/python benchmarks/memory.py --out results/memory.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,47 @@ def build_model(directory: Path, layers: int, hidden: int, intermediate: int, vo
     return size
 
 
+class MemoryCgroup:
+    """A memory cgroup (v2 or v1) with a hard limit and no swap, or None from `create` if impossible."""
+
+    def __init__(self, path: Path, version: int):
+        self.path, self.version = path, version
+
+    @classmethod
+    def create(cls, limit_bytes: int) -> MemoryCgroup | None:
+        name = f"spqr-memory-bench-{os.getpid()}"
+        for root, version, files in ((Path("/sys/fs/cgroup"), 2, {"memory.max": limit_bytes, "memory.swap.max": 0}),
+                                     (Path("/sys/fs/cgroup/memory"), 1, {"memory.limit_in_bytes": limit_bytes})):
+            if version == 2 and not (root / "cgroup.controllers").is_file():
+                continue
+            try:
+                (root / name).mkdir()
+                for file, value in files.items():
+                    if (root / name / file).exists():
+                        (root / name / file).write_text(str(value))
+                return cls(root / name, version)
+            except OSError:
+                continue
+        return None
+
+    def add_self(self) -> None:
+        """Move the calling process into the cgroup (used between fork and exec)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def read(self, v1: str, v2: str) -> int | None:
+        path = self.path / (v2 if self.version == 2 else v1)
+        if not path.is_file():
+            return None
+        text = path.read_text()
+        return int(text.split("max ")[1].split()[0]) if self.version == 2 and "events" in v2 else int(text)
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/memory.json")
@@ -52,29 +101,48 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--limit-fraction", type=float, default=0.5, help="memory limit / weight bytes")
+    parser.add_argument("--no-offload", action="store_true", help="keep calibration activations in memory")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "model", Path(tmp) / "quantized"
         weight_bytes = build_model(source, args.layers, args.hidden, args.intermediate, args.vocab)
-        start = time.perf_counter()
+        limit = int(weight_bytes * args.limit_fraction)
+        cgroup = MemoryCgroup.create(limit)
         summary_path = Path(tmp) / "summary.json"
-        subprocess.run([sys.executable, "-m", "spqr.cli", "quantize", str(source), "-o", str(target),
-                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                        "--json", str(summary_path)], check=True)
-        seconds = time.perf_counter() - start
+        command = [sys.executable, "-m", "spqr.cli", "quantize", str(source), "-o", str(target),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--json", str(summary_path)]
+        if not args.no_offload:
+            command.append("--offload-activations")
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(command, preexec_fn=cgroup.add_self if cgroup else None)
+            seconds = time.perf_counter() - start
+            cgroup_peak = cgroup.read("memory.max_usage_in_bytes", "memory.peak") if cgroup else None
+            hit_limit = cgroup.read("memory.failcnt", "memory.events") if cgroup else None
+        finally:
+            if cgroup:
+                cgroup.remove()
+        finished = proc.returncode == 0
         # The CLI's own VmHWM: getrusage(RUSAGE_CHILDREN) would also count this (large) parent,
         # whose memory the child shares between fork and exec.
-        peak_rss = json.loads(summary_path.read_text())["peak_rss_bytes"]
-        checkpoint_bytes = (target / "model.safetensors").stat().st_size
+        peak_rss = json.loads(summary_path.read_text())["peak_rss_bytes"] if finished else None
+        checkpoint_bytes = (target / "model.safetensors").stat().st_size if finished else None
     result = {
-        "model": vars(args), "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss,
-        "peak_rss_over_weights": peak_rss / weight_bytes, "checkpoint_bytes": checkpoint_bytes,
-        "quantize_seconds": seconds,
+        "model": vars(args), "weight_bytes": weight_bytes,
+        "limit_bytes": limit, "limit_enforced": cgroup is not None,
+        "cgroup": f"v{cgroup.version}" if cgroup else None,
+        "finished": finished, "returncode": proc.returncode,
+        "peak_rss_bytes": peak_rss, "peak_rss_over_weights": peak_rss / weight_bytes if peak_rss else None,
+        "cgroup_peak_bytes": cgroup_peak, "times_limit_reached": hit_limit,
+        "checkpoint_bytes": checkpoint_bytes, "quantize_seconds": seconds,
     }
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if not finished:
+        raise SystemExit(f"quantization did not finish under the limit (exit code {proc.returncode})")
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
                      progress_dir, block_weights, offload, progress, report, total_start) -> QuantizationReport:
     """The body of `quantize` (arguments checked, progress_dir set when offloading)."""
+    _release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
 
     def load_block(index: int) -> None:

@@ -61,12 +61,14 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float, max_retries
     """
     diag_mean = hessian.diagonal().abs().mean()
     damp = percdamp
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for _ in range(max_retries + 1):
-        damped = hessian + eye * (damp * diag_mean)
+        damped = hessian.clone()  # H + damp·mean·I, without materializing the identity (memory)
+        damped.diagonal().add_(damp * diag_mean)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper

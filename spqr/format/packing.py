@@ -13,20 +13,27 @@ import torch
 CHUNK = 32
 
 
-def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes [..., n] (values in [0, 2^bits)) into int32 [..., ceil(n/32), bits]."""
+def pack_bitplanes(codes: torch.Tensor, bits: int, rows_per_step: int = 1024) -> torch.Tensor:
+    """Pack integer codes [..., n] (values in [0, 2^bits)) into int32 [..., ceil(n/32), bits].
+
+    Works through rows_per_step rows of the flattened leading dims at a time: the int64
+    intermediates are `bits` x 8 bytes per code, which for a whole large layer would be a lot.
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     *lead, n = codes.shape
     n_chunks = -(-n // CHUNK)
-    codes = codes.to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
-    codes = torch.nn.functional.pad(codes, (0, n_chunks * CHUNK - n)).view(*lead, n_chunks, 1, CHUNK)
-    planes = (codes >> torch.arange(bits).view(bits, 1)) & 1  # [..., n_chunks, bits, 32]
-    words = (planes << torch.arange(CHUNK)).sum(-1)  # [..., n_chunks, bits], in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    flat = codes.reshape(-1, n)
+    out = torch.empty(flat.shape[0], n_chunks, bits, dtype=torch.int32)
+    shifts, positions = torch.arange(bits).view(bits, 1), torch.arange(CHUNK)
+    for r0 in range(0, flat.shape[0], rows_per_step):
+        part = torch.nn.functional.pad(flat[r0:r0 + rows_per_step].to(torch.int64), (0, n_chunks * CHUNK - n))
+        planes = (part.view(-1, n_chunks, 1, CHUNK) >> shifts) & 1  # [rows, n_chunks, bits, 32]
+        words = (planes << positions).sum(-1)  # [rows, n_chunks, bits], in [0, 2^32)
+        out[r0:r0 + rows_per_step] = torch.where(words >= 2**31, words - 2**32, words)
+    return out.view(*lead, n_chunks, bits)
 
 
 def unpack_bitplanes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
