@@ -8,8 +8,9 @@
 2. Matrix-matrix with 64 and 512 input rows against fp32 F.linear.
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
    model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
-   tokens match the reference's?).
-4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers.
+   tokens match the reference's?). Also the checkpoint made with --quantize-head, if given.
+4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers
+   (decoder blocks only; also with the lm_head quantized).
 5. Resident memory of the loaded checkpoint against its fp16 weights.
 """
 
@@ -71,7 +72,11 @@ def _generation(model, ids: torch.Tensor, tokens: int) -> dict:
     return result.to_dict()
 
 
-def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
+def _matching_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_checkpoint: Path | None) -> dict:
     baseline, tokenizer = load_model(None)
     ids = tokenize(tokenizer, load_text("wikitext2", "test"))[:prompt_tokens].view(1, -1)
     fp32 = _generation(baseline, ids, tokens)
@@ -80,8 +85,7 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
     spqr = _generation(model, ids, tokens)
     reference = _generation(use_reference(model), ids, tokens)
     bf16 = _generation(load_quantized(checkpoint, dtype=torch.bfloat16), ids, tokens)  # unquantized parts bf16
-    same = next((i for i, (a, b) in enumerate(zip(spqr["tokens"], reference["tokens"])) if a != b),
-                len(spqr["tokens"]))
+    same = _matching_prefix(spqr["tokens"], reference["tokens"])
     result = {"checkpoint": str(checkpoint), "prompt": f"first {prompt_tokens} tokens of wikitext2 test",
               "fp32": fp32, "spqr": spqr, "reference": reference, "spqr_unquantized_bf16": bf16,
               "tokens_match_reference": spqr["tokens"] == reference["tokens"], "matching_prefix": same,
@@ -94,6 +98,19 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int) -> dict:
         f"tokens match reference: {result['tokens_match_reference']} ({same}/{len(spqr['tokens'])}); "
         f"spqr with bf16 unquantized parts: prefill {bf16['prefill_tokens_per_second']:.1f} "
         f"decode {bf16['decode_tokens_per_second']:.2f}")
+    if head_checkpoint is not None and head_checkpoint.is_dir():  # made with `spqr quantize --quantize-head`
+        head_model = load_quantized(head_checkpoint)
+        head = _generation(head_model, ids, tokens)
+        head_reference = _generation(use_reference(head_model), ids, tokens)
+        result["head_quantized"] = {
+            "checkpoint": str(head_checkpoint), "spqr": head, "reference": head_reference,
+            "tokens_match_reference": head["tokens"] == head_reference["tokens"],
+            "matching_prefix": _matching_prefix(head["tokens"], head_reference["tokens"]),
+            "decode_speedup_vs_fp32": head["decode_tokens_per_second"] / fp32["decode_tokens_per_second"],
+            "prefill_speedup_vs_fp32": head["prefill_tokens_per_second"] / fp32["prefill_tokens_per_second"]}
+        log(f"SmolLM2 with the lm_head quantized too: prefill {head['prefill_tokens_per_second']:.1f} tok/s, "
+            f"decode {head['decode_tokens_per_second']:.2f} tok/s; tokens match its reference: "
+            f"{result['head_quantized']['tokens_match_reference']}")
     return result
 
 
@@ -111,9 +128,16 @@ def synthetic_llama_section(tokens: int) -> dict:
     speedup_bf16 = spqr_bf16["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
     log(f"synthetic llama 3-bit, unquantized parts bf16: decode {spqr_bf16['decode_tokens_per_second']:.2f} "
         f"tok/s ({speedup_bf16:.2f}x fp32)")
+    del model
+    model = replace_with_random_spqr(synthetic_llama(), include_head=True)  # as from `--quantize-head`
+    spqr_head = _generation(model, ids, tokens)
+    speedup_head = spqr_head["decode_tokens_per_second"] / fp32["decode_tokens_per_second"]
+    log(f"synthetic llama 3-bit with the lm_head quantized too: decode {spqr_head['decode_tokens_per_second']:.2f} "
+        f"tok/s ({speedup_head:.2f}x fp32)")
     return {"parameters": params, "config": SYNTHETIC_LLAMA,
             "fp32": fp32, "spqr": spqr, "decode_speedup_vs_fp32": speedup, "meets_2_5x": speedup >= 2.5,
-            "spqr_unquantized_bf16": spqr_bf16, "decode_speedup_vs_fp32_unquantized_bf16": speedup_bf16}
+            "spqr_unquantized_bf16": spqr_bf16, "decode_speedup_vs_fp32_unquantized_bf16": speedup_bf16,
+            "spqr_head_quantized": spqr_head, "decode_speedup_vs_fp32_head_quantized": speedup_head}
 
 
 RSS_SCRIPT = """
@@ -160,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("out/smollm2-spqr-w3"),
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
+    parser.add_argument("--head-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-head"),
+                        help="the same quantized with --quantize-head (measured too if it exists)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
@@ -175,7 +201,8 @@ def main() -> None:
     log(f"read bandwidth {result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
     start = time.time()
     sections = {"kernels": kernel_section,
-                "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens),
+                "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
+                                                   args.head_checkpoint),
                 "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
                 "memory": lambda: memory_section(args.checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,16 +116,24 @@ def synthetic_llama(dtype: torch.dtype = torch.float32, device: str = "cpu") -> 
     return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
 
 
-def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_share: float = 0.01) -> torch.nn.Module:
-    """Every Linear of the decoder blocks becomes a random packed SpQR layer of the same shape (in place):
-    the speed of a quantized model without running a quantization."""
+def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_share: float = 0.01,
+                             include_head: bool = False) -> torch.nn.Module:
+    """Every Linear of the decoder blocks (and the output head if include_head) becomes a random packed
+    SpQR layer of the same shape (in place): the speed of a quantized model without running a quantization."""
     from spqr.hf import block_linears, find_decoder_blocks, set_submodule
     from spqr.nn import SpQRLinear
+
+    def random_like(linear: torch.nn.Linear, seed: int) -> SpQRLinear:
+        packed = random_packed_layer(linear.out_features, linear.in_features, wbits, 16, 16, 3, outlier_share,
+                                     seed=seed)
+        return SpQRLinear.from_packed(packed).to(linear.weight.device)
 
     _, blocks = find_decoder_blocks(model)
     for index, block in enumerate(blocks):
         for name, linear in block_linears(block).items():
-            packed = random_packed_layer(linear.out_features, linear.in_features, wbits, 16, 16, 3, outlier_share,
-                                         seed=index)
-            set_submodule(block, name, SpQRLinear.from_packed(packed).to(linear.weight.device))
+            set_submodule(block, name, random_like(linear, index))
+    if include_head:
+        head = model.get_output_embeddings()
+        name = next(n for n, m in model.named_modules() if m is head)
+        set_submodule(model, name, random_like(head, len(blocks)))
     return model

@@ -156,13 +156,15 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: lis
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple], keep: Keep = _in_memory) -> list:
-    """The block's outputs for every batch of inputs, each kept by `keep`."""
-    outputs = []
+def _run_block(block: nn.Module, inputs: list[tuple], keep: Keep = _in_memory) -> tuple[list, bool]:
+    """The block's outputs for every batch of inputs, each kept by `keep`, and whether the block
+    returns a tuple (older transformers) rather than a tensor."""
+    outputs, as_tuple = [], False
     for index, (hidden, kwargs) in enumerate(inputs):
         out = block(hidden_tensor(hidden), **kwargs)
-        outputs.append(keep(index, out[0] if isinstance(out, tuple) else out))
-    return outputs
+        as_tuple = isinstance(out, tuple)
+        outputs.append(keep(index, out[0] if as_tuple else out))
+    return outputs, as_tuple
 
 
 class _HessianCollector:
@@ -212,12 +214,16 @@ class _HessianCollector:
     def run(self, block: nn.Module, inputs: list[tuple]) -> None:
         """Feed every calibration batch through the block, accumulating the Hessians."""
         for hidden, kwargs in inputs:
-            try:
-                block(hidden_tensor(hidden), **kwargs)
-            except _StopForward:
-                pass
-            self._seen.clear()
-            self._batch_inputs.clear()
+            self.feed(block, hidden_tensor(hidden), **kwargs)
+
+    def feed(self, module: nn.Module, *args, **kwargs) -> None:
+        """Run one forward pass (of one batch) that reaches the hooked Linears."""
+        try:
+            module(*args, **kwargs)
+        except _StopForward:
+            pass
+        self._seen.clear()
+        self._batch_inputs.clear()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -231,6 +237,42 @@ class _HessianCollector:
 
     def hessian(self, leader: str) -> torch.Tensor:
         return self.sums[leader] * (2.0 / self.tokens[leader])
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder block: returns its input hidden states, or `replay` when set."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.replay: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        hidden = self.replay if self.replay is not None else (args[0] if args else kwargs["hidden_states"])
+        return (hidden,) if self.as_tuple else hidden
+
+
+def _head_hessian(model: nn.Module, blocks: nn.ModuleList, head_name: str, head: nn.Linear,
+                  batches: list[torch.Tensor], last_outputs: list, as_tuple: bool) -> tuple[torch.Tensor, float]:
+    """H of the output head's input (the final hidden states after the model's last norm), from the
+    last block's stored outputs: the blocks are swapped for pass-throughs, the last one replaying those
+    outputs, so the model's own tail computes the head's input without running any block again.
+    Returns (H, seconds spent accumulating it)."""
+    collector = _HessianCollector({head_name: head})
+    originals = list(blocks)
+    stand_ins = [_Passthrough(as_tuple) for _ in originals]
+    try:
+        for i, stand_in in enumerate(stand_ins):
+            blocks[i] = stand_in
+        with torch.inference_mode():
+            for batch, hidden in zip(batches, last_outputs):
+                stand_ins[-1].replay = hidden_tensor(hidden)
+                collector.feed(model, batch, use_cache=False)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        collector.remove()
+    return collector.hessian(head_name), collector.seconds
 
 
 def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None, config: QuantConfig,
@@ -262,7 +304,8 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
-             offload_activations: bool = False, progress: bool = True) -> QuantizationReport:
+             offload_activations: bool = False, quantize_head: bool = False,
+             progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
@@ -278,6 +321,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     offload_activations: keep the calibration activations in files (in progress_dir, or a
     temporary directory) and read one batch at a time, instead of holding them all in memory.
     The result does not depend on progress_dir or offload_activations (byte-identical).
+    quantize_head: also quantize the output head (lm_head) with the same recipe, its Hessian taken
+    from the final hidden states. A head tied to the input embeddings is untied: the embeddings
+    stay in full precision (config.tie_word_embeddings becomes False).
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -294,14 +340,16 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         progress_dir = scratch = tempfile.mkdtemp(prefix="spqr-activations-")
     try:
         return _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                                progress_dir, block_weights, offload_activations, progress, report, total_start)
+                                progress_dir, block_weights, offload_activations, quantize_head, progress, report,
+                                total_start)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                     progress_dir, block_weights, offload, progress, report, total_start) -> QuantizationReport:
+                     progress_dir, block_weights, offload, quantize_head, progress, report,
+                     total_start) -> QuantizationReport:
     """The body of `quantize` (arguments checked, progress_dir set when offloading)."""
     _release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
@@ -316,7 +364,7 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
         # the packed format version too: a block saved in another layout must not be read as this one
         fingerprint = run_fingerprint(FORMAT_VERSION, config.to_dict(), skip, str(forward_dtype), batch_size,
-                                      model.config.to_dict(),
+                                      quantize_head, model.config.to_dict(),
                                       tensors=(first_weight,) if calibration is None else (first_weight, calibration))
         store = ProgressStore(progress_dir, fingerprint)
         first_block = store.next_block()
@@ -327,7 +375,11 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
             return lambda batch, hidden: store.write_activation(block, batch, hidden)
         return _in_memory
 
+    head_name, head = _output_head(model) if quantize_head else (None, None)
+    n_steps = len(blocks) + (head is not None)  # the head is quantized as one more step, after the blocks
+
     inputs: list[tuple] = []
+    batches: list[torch.Tensor] = []
     if config.needs_hessian:
         start = time.perf_counter()
         batches = list(calibration.split(batch_size))
@@ -337,17 +389,19 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
         report.seconds_forward += time.perf_counter() - start
 
     if first_block:
-        log.info("resuming from block %d (finished blocks read from %s)", first_block, progress_dir)
+        log.info("resuming from step %d (finished blocks read from %s)", first_block, progress_dir)
         for index in range(first_block):
             layers, reports = store.load_block(index)
             for name, packed in layers.items():
                 set_submodule(model, name, SpQRLinear.from_packed(packed))
-            load_block(index)  # the block's other tensors (norms), if it was left on meta
+            if index < len(blocks):
+                load_block(index)  # the block's other tensors (norms), if it was left on meta
             report.layers.extend(LayerReport(**r) for r in reports)
-        if config.needs_hessian and first_block < len(blocks):
+        if config.needs_hessian and first_block < n_steps:
             inputs = [(hidden, kwargs) for hidden, (_, kwargs)
                       in zip(store.load_activations(first_block, offload), inputs)]
 
+    as_tuple = False  # whether the blocks return tuples (older transformers) or tensors
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
                initial=first_block, total=len(blocks))
     for index, block in bar:
@@ -386,11 +440,11 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
                 forward_linears if forward_block is not block else None))
         report.seconds_engine += time.perf_counter() - start
 
-        needed = config.needs_hessian and index + 1 < len(blocks)
+        needed = config.needs_hessian and index + 1 < n_steps
         if needed:
             start = time.perf_counter()
             with torch.inference_mode():
-                outputs = _run_block(forward_block, inputs, keep(index + 1))
+                outputs, as_tuple = _run_block(forward_block, inputs, keep(index + 1))
             inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
             report.seconds_forward += time.perf_counter() - start
 
@@ -410,5 +464,49 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
         bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
         log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
 
+    if head is not None and first_block < n_steps:
+        if first_block == len(blocks) and inputs:  # resumed right before the head: learn the blocks' return type
+            with torch.inference_mode():
+                as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
+        _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple, config,
+                       report, store, len(blocks))
     report.seconds_total = time.perf_counter() - total_start
     return report
+
+
+def _output_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the model's output head, which must be a Linear."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize_head: the model's output head is a {type(head).__name__}, not a Linear")
+    return next(name for name, m in model.named_modules() if m is head), head
+
+
+def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head: nn.Linear,
+                   batches: list[torch.Tensor], last_outputs: list, as_tuple: bool, config: QuantConfig,
+                   report: QuantizationReport, store: ProgressStore | None, step: int) -> None:
+    """Quantize the output head (after the blocks) and put it in place; untie it from the embeddings."""
+    if not bool(torch.isfinite(head.weight).all()):
+        raise QuantizationError(f"weights of {head_name} contain NaN or Inf")
+    hessian = None
+    if config.needs_hessian:
+        start = time.perf_counter()
+        hessian, seconds = _head_hessian(model, blocks, head_name, head, batches, last_outputs, as_tuple)
+        report.seconds_hessian += seconds
+        report.seconds_forward += time.perf_counter() - start - seconds
+    if head.weight is model.get_input_embeddings().weight:
+        # quantize from a copy: the embeddings keep the original weights
+        head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone(), requires_grad=False)
+    start = time.perf_counter()
+    first_report = len(report.layers)
+    packed = _quantize_group({head_name: head}, hessian, config, "", report, None)
+    report.seconds_engine += time.perf_counter() - start
+    if store is not None:
+        store.save_block(step, packed, report.layers[first_report:], None)
+        packed = store.load_block(step)[0]
+    set_submodule(model, head_name, SpQRLinear.from_packed(packed[head_name]))
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
+    r = report.layers[-1]
+    log.info("%s: relative error %.5f, outliers %.3f%%", head_name, r.relative_error, 100 * r.outlier_share)

@@ -107,13 +107,13 @@ def test_baseline_methods(model_dirs, text_file, tmp_path, method, extra):
     assert main(["eval", str(out), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "1"]) == 0
 
 
-def test_options_skip_and_eval(model_dirs, text_file, tmp_path):
+def test_options_skip_head_offload_and_eval(model_dirs, text_file, tmp_path):
     out, j = tmp_path / "out", tmp_path / "q.json"
     rc = main(["quantize", str(model_dirs["mistral"]), "-o", str(out), "--nsamples", "3", "--seqlen", "16",
                "--calib", str(text_file), "--wbits", "4", "--beta1", "8", "--beta2", "8", "--qq-bits", "2",
                "--outlier-threshold", "0.05", "--perm", "identity", "--percdamp", "0.5", "--blocksize", "16",
                "--skip", "mlp.down_proj", "--forward-dtype", "bfloat16", "--eval", "--dataset", str(text_file),
-               "--eval-seqlen", "16",
+               "--eval-seqlen", "16", "--quantize-head", "--offload-activations",
                "--max-windows", "2", "--json", str(j)])
     assert rc == 0
     summary = json.loads(j.read_text())
@@ -121,8 +121,9 @@ def test_options_skip_and_eval(model_dirs, text_file, tmp_path):
                                  "perm": "identity", "percdamp": 0.5, "blocksize": 16, "error_feedback": True}
     assert summary["eval"]["windows"] == 2 and summary["eval"]["ppl"] > 1
     assert summary["forward_dtype"] == "bfloat16"
-    assert len(summary["layers"]) == 12
+    assert len(summary["layers"]) == 13 and summary["layers"][-1]["name"] == "lm_head"
     model = load_quantized(out)
+    assert isinstance(model.lm_head, SpQRLinear)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, SpQRLinear)
     assert model.model.layers[0].mlp.up_proj.spec.qq_bits == 2

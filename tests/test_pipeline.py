@@ -267,3 +267,45 @@ def test_block_with_every_linear_skipped():
     report = quantize(model, random_windows(4, 16), QuantConfig(), skip=tuple(names), progress=False)
     assert sorted(r.name for r in report.layers) == sorted(n for n in all_names if n.startswith("model.layers.0."))
     assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied output heads
+def test_quantize_head_uses_the_final_hidden_states(arch, monkeypatch):
+    model = make_model(arch)
+    tied = model.config.tie_word_embeddings
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    head_weight = model.get_output_embeddings().weight.detach().clone()
+    windows = random_windows(6, 16)
+    report = quantize(model, windows, SPQR4, quantize_head=True, progress=False)
+    assert isinstance(model.lm_head, SpQRLinear) and report.layers[-1].name == "lm_head"
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # a tied head is untied, not moved
+    assert model.config.tie_word_embeddings is False
+    assert tied == (arch == "qwen2")
+
+    # Reference: the head's input from a plain forward of the quantized model (exact decoding), and
+    # the engine run on its H: the same weights as the pipeline's pass-through replay produced.
+    monkeypatch.setattr(SpQRLinear, "use_reference", True)
+    seen = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten(0, 1)))
+    _logits(model, windows)
+    handle.remove()
+    x = seen[0].float()
+    expected = quantize_weights([head_weight], x.T @ x * (2.0 / x.shape[0]), SPQR4)[0]
+    assert torch.equal(model.lm_head.dequantize(), expected.weight)
+
+
+def test_quantize_head_checkpoint_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spqr.hf import load_quantized, save_quantized
+
+    model = make_model("qwen2")
+    quantize(model, random_windows(6, 16), SPQR4, quantize_head=True, progress=False)
+    ids = random_windows(2, 20, seed=5)
+    save_quantized(model, tmp_path / "q", SPQR4.to_dict())
+    loaded = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.lm_head, SpQRLinear)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(via_transformers.lm_head, SpQRLinear)
+    assert torch.equal(_logits(via_transformers, ids), _logits(model, ids))

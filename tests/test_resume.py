@@ -94,6 +94,37 @@ def test_offloaded_activations_give_the_same_checkpoint(tmp_path, monkeypatch):
     assert loads[0].parent.name == "activations_0001"
 
 
+def test_run_interrupted_in_the_head_step_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):
+    def run(name: str, progress_dir: Path | None) -> Path:
+        model = make_model("qwen2")  # tied head
+        quantize(model, random_windows(6, 16), CONFIG, progress_dir=progress_dir, progress=False,
+                 quantize_head=True)
+        save_quantized(model, tmp_path / name, CONFIG.to_dict())
+        return tmp_path / name
+
+    reference = run("reference", None)
+    real = spqr.pipeline.quantize_weights
+    calls = []
+
+    def interrupt_at_the_head(weights, hessian, config):
+        calls.append(1)
+        if len(calls) == 9:  # 2 blocks of 4 shared-input groups, then the head
+            raise KeyboardInterrupt
+        return real(weights, hessian, config)
+
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", interrupt_at_the_head)
+    progress_dir = tmp_path / "progress"
+    with pytest.raises(KeyboardInterrupt):
+        run("interrupted", progress_dir)
+    calls.clear()
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", lambda *a: (calls.append(1), real(*a))[1])
+    resumed = run("resumed", progress_dir)
+    assert len(calls) == 1  # only the head
+    assert _sha(resumed) == _sha(reference)
+    calls.clear()
+    assert _sha(run("again", progress_dir)) == _sha(reference) and not calls  # everything read back
+
+
 def test_progress_of_another_run_is_ignored(tmp_path):
     progress_dir = tmp_path / "progress"
     _run(tmp_path, "first", progress_dir)
