@@ -11,7 +11,8 @@
    tokens match the reference's?). Also the checkpoint made with --quantize-head, if given.
 4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers
    (decoder blocks only; also with the lm_head quantized).
-5. Resident memory of the loaded checkpoint against its fp16 weights.
+5. Resident memory of the loaded checkpoint against its fp16 weights (also of the one made with
+   --quantize-embeddings, if given: every weight matrix packed).
 """
 
 from __future__ import annotations
@@ -164,7 +165,15 @@ print(json.dumps({"rss_before_bytes": before, "rss_after_bytes": after, "loaded_
 """
 
 
-def memory_section(checkpoint: Path) -> dict:
+def memory_section(checkpoint: Path, embeddings_checkpoint: Path | None) -> dict:
+    result = _memory(checkpoint)
+    if embeddings_checkpoint is not None and embeddings_checkpoint.is_dir():
+        log(f"{embeddings_checkpoint} (made with --quantize-embeddings):")
+        result["quantized_embeddings"] = {"checkpoint": str(embeddings_checkpoint), **_memory(embeddings_checkpoint)}
+    return result
+
+
+def _memory(checkpoint: Path) -> dict:
     result = {}
     for dtype in ("stored", "bfloat16"):
         out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(checkpoint), dtype], capture_output=True,
@@ -186,6 +195,8 @@ def main() -> None:
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
     parser.add_argument("--head-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-head"),
                         help="the same quantized with --quantize-head (measured too if it exists)")
+    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings"),
+                        help="the same quantized with --quantize-embeddings (memory measured too if it exists)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
@@ -204,7 +215,7 @@ def main() -> None:
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
                                                    args.head_checkpoint),
                 "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
-                "memory": lambda: memory_section(args.checkpoint)}
+                "memory": lambda: memory_section(args.checkpoint, args.embeddings_checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, run in sections.items():
         if name.removeprefix("synthetic_") in args.skip:

@@ -123,7 +123,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     try:
         report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
                           forward_dtype=forward_dtype, progress_dir=progress_dir, block_weights=block_weights,
-                          offload_activations=args.offload_activations, quantize_head=args.quantize_head)
+                          offload_activations=args.offload_activations, quantize_head=args.quantize_head,
+                          quantize_embeddings=args.quantize_embeddings)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: "
                           "run the same command again to resume") from None
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the calibration forward passes (bfloat16: faster on CPUs with AMX)")
     q.add_argument("--quantize-head", action="store_true",
                    help="also quantize the output head (lm_head; a tied one is untied from the embeddings)")
+    q.add_argument("--quantize-embeddings", action="store_true",
+                   help="with tied embeddings: quantize the head and read the input embeddings from it")
     q.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations on disk (beside the output), one batch in memory at a time")
     q.add_argument("--skip", nargs="*", default=[], help="Linear names (or suffixes) to keep unquantized")

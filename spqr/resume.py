@@ -2,7 +2,8 @@
 
 A progress directory holds, after each finished decoder block:
 - `block_NNNN.safetensors`: the packed tensors of the block's quantized Linears (names relative
-  to the model) with the block's LayerReports in the metadata;
+  to the model) with the block's LayerReports in the metadata (with `quantize_head`, the output
+  head is one more step, numbered after the last block);
 - `activations_NNNN/batch_XXXXX.safetensors`: the calibration hidden states entering block NNNN
   (the next), one file per batch. With activation offloading they are written there as the
   block's forward pass produces them and read back one batch at a time, so the calibration

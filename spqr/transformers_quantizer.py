@@ -22,7 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
 from spqr.format.layout import LayerSpec, validate_layer
-from spqr.hf import module_entry, set_submodule
+from spqr.hf import attach_quantized_embeddings, module_entry, set_submodule
 from spqr.nn import SpQRLinear
 
 
@@ -71,6 +71,9 @@ class SpQRPackedQuantizer(HfQuantizer):
             placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
                             for key, (shape, dtype) in spec.expected_tensors(bias_dtype).items()}
             set_submodule(model, name, SpQRLinear(spec, placeholders))
+        embeddings = getattr(self.quantization_config, "quantized_embeddings", {})
+        if embeddings:
+            attach_quantized_embeddings(model, embeddings, model.get_input_embeddings().weight.dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self._specs.items():

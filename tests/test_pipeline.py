@@ -309,3 +309,38 @@ def test_quantize_head_checkpoint_round_trip(tmp_path):
     via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert isinstance(via_transformers.lm_head, SpQRLinear)
     assert torch.equal(_logits(via_transformers, ids), _logits(model, ids))
+
+
+def test_quantize_embeddings_reads_the_tied_head(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spqr.config import ConfigError
+    from spqr.generate import generate
+    from spqr.hf import load_quantized, save_quantized
+    from spqr.nn import SpQREmbedding
+
+    with pytest.raises(ConfigError, match="tied"):
+        quantize(make_model("llama"), random_windows(6, 16), SPQR4, quantize_embeddings=True, progress=False)
+
+    model = make_model("qwen2")
+    quantize(model, random_windows(6, 16), SPQR4, quantize_embeddings=True, progress=False)
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, SpQREmbedding) and isinstance(model.lm_head, SpQRLinear)
+    ids = random_windows(2, 20, seed=5)
+    decoded = model.lm_head.dequantize()
+    assert torch.equal(embeddings(ids), decoded[ids])
+    # the same as the original architecture with the decoded head as its (tied) embedding matrix
+    dense = _dense_copy("qwen2", model)
+    dense.get_input_embeddings().weight.data.copy_(decoded)
+    assert dense.lm_head.weight is dense.get_input_embeddings().weight
+    assert torch.allclose(_logits(model, ids), _logits(dense, ids), atol=1e-5)
+
+    save_quantized(model, tmp_path / "q", SPQR4.to_dict())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert not any("embed_tokens" in k for k in f.keys())  # stored once, as the head
+    for loaded in (load_quantized(tmp_path / "q"), AutoModelForCausalLM.from_pretrained(tmp_path / "q")):
+        assert isinstance(loaded.get_input_embeddings(), SpQREmbedding)
+        assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    result = generate(load_quantized(tmp_path / "q", dtype=torch.bfloat16), ids[:1, :8], 4, stop_at_eos=False)
+    assert len(result.tokens) == 4

@@ -215,6 +215,38 @@ def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tenso
     return weight
 
 
+def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64 [n]) of W, fp32 [n, in] in the original column order: the same values as
+    dequantize_layer(spec, t)[rows], decoding only those rows (an embedding lookup into a quantized
+    matrix reads a few rows of a large one)."""
+    rows = rows.long()
+    tile_rows = t["qweight"][rows // ROW_TILE, :, :, rows % ROW_TILE]  # [n, chunks, wbits]
+    codes = unpack_bitplanes(tile_rows, spec.wbits, spec.in_features).float()
+
+    def stat(name: str) -> torch.Tensor:  # [n, n_groups] fp32
+        if spec.qq_bits is None:
+            return t[name][:, rows].T.float()
+        words = t[f"{name}_codes"][rows // 32]  # [n, n_groups, qq_bits], bit r % 32 of each plane
+        planes = (words >> (rows % 32).to(torch.int32).view(-1, 1, 1)) & 1
+        stat_codes = (planes << torch.arange(spec.qq_bits, dtype=torch.int32)).sum(-1)
+        return dequantize(stat_codes.float(), t[f"{name}_scale"][rows // spec.beta2].float(),
+                          t[f"{name}_zero"][rows // spec.beta2].float())
+
+    scale = expand_groups(stat("scale"), spec.beta1, spec.in_features)
+    zero = expand_groups(stat("zero"), spec.beta1, spec.in_features)
+    weight = dequantize(codes, scale, zero)
+    row_ptr = t["outlier_row_ptr"].long()
+    starts, counts = row_ptr[rows], row_ptr[rows + 1] - row_ptr[rows]
+    if int(counts.sum()):
+        local = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        index = torch.repeat_interleave(starts, counts) + offsets
+        weight.index_put_((local, t["outlier_col"][index].long()), t["outlier_val"][index].float(), accumulate=True)
+    if spec.has_perm:
+        weight = weight[:, torch.argsort(t["perm"].long())]
+    return weight
+
+
 def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
     """Check a layer's tensors for consistency beyond dtype and shape; raise ValueError naming the problem.
 

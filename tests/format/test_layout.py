@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from spqr.algo.engine import quantize_weights
 from spqr.config import QuantConfig
-from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, validate_layer
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows, validate_layer
+from spqr.format.synthetic import random_packed_layer
 from spqr.nn import SpQRLinear
 from tests.helpers import random_hessian, ref_unpack_row
 
@@ -155,6 +156,24 @@ def test_dequantize_matches_a_plain_decoder(case):
     ref = _plain_decode(packed.spec, packed.tensors)
     assert torch.allclose(packed.dequantize(), ref, atol=1e-6)
     assert torch.equal(dequantize_layer(packed.spec, packed.tensors), qw.weight)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_rows_equals_the_rows_of_the_whole_matrix(case):
+    _, packed, _ = _packed(case)
+    full = dequantize_layer(packed.spec, packed.tensors)
+    out = packed.spec.out_features
+    for rows in (torch.arange(out), torch.tensor([out - 1, 0, out - 1, out // 2]), torch.tensor([], dtype=torch.long)):
+        assert torch.equal(dequantize_rows(packed.spec, packed.tensors, rows), full[rows])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.02, 1.0])  # no outliers, some, every weight an outlier
+@pytest.mark.parametrize("qq_bits", [3, None])
+def test_dequantize_rows_on_random_large_layers(share, qq_bits):
+    packed = random_packed_layer(100, 96, wbits=3, qq_bits=qq_bits, outlier_share=share, seed=3)
+    full = packed.dequantize()
+    rows = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(dequantize_rows(packed.spec, packed.tensors, rows), full[rows])
 
 
 @pytest.mark.parametrize("case", CASES[:2])
