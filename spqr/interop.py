@@ -19,7 +19,7 @@ from spqr.format.io import CheckpointError, atomic_directory, read_config, read_
 from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
 from spqr.hf import load_quantized, save_quantized, set_submodule, unique_state_dict
-from spqr.nn import SpQRLinear
+from spqr.nn import SpQREmbedding, SpQRLinear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -43,6 +43,8 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
             check_exportable(layer.spec, name)
         except ConversionError as e:
             problems.append(str(e))
+    problems += [f"{name}: embeddings read from the quantized head have no spqr_quant equivalent (quantize "
+                 "without --quantize-embeddings)" for name, m in model.named_modules() if isinstance(m, SpQREmbedding)]
     if problems:
         raise ConversionError("\n".join(problems))
     tensors = {name: t for name, t in unique_state_dict(model).items()

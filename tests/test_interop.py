@@ -136,3 +136,19 @@ def test_gptq_recipe_is_refused(tmp_path, tokenizer):
     save_quantized(model, tmp_path / "rtn", preset("rtn").to_dict())
     with pytest.raises(ConversionError, match="wbits=4"):
         export_spqr_quant(tmp_path / "rtn", tmp_path / "out")
+
+
+def test_embeddings_read_from_the_head_are_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    recipe = QuantConfig(outlier_threshold=0.1)
+    quantize(model, torch.randint(0, 256, (4, 32)), recipe, quantize_embeddings=True, progress=False)
+    save_quantized(model, tmp_path / "ours", recipe.to_dict())
+    with pytest.raises(ConversionError, match="model.embed_tokens: embeddings read from the quantized head"):
+        export_spqr_quant(tmp_path / "ours", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -220,6 +220,7 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
     dequantize_layer(spec, t)[rows], decoding only those rows (an embedding lookup into a quantized
     matrix reads a few rows of a large one)."""
     rows = rows.long()
+    device = rows.device
     tile_rows = t["qweight"][rows // ROW_TILE, :, :, rows % ROW_TILE]  # [n, chunks, wbits]
     codes = unpack_bitplanes(tile_rows, spec.wbits, spec.in_features).float()
 
@@ -228,7 +229,7 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
             return t[name][:, rows].T.float()
         words = t[f"{name}_codes"][rows // 32]  # [n, n_groups, qq_bits], bit r % 32 of each plane
         planes = (words >> (rows % 32).to(torch.int32).view(-1, 1, 1)) & 1
-        stat_codes = (planes << torch.arange(spec.qq_bits, dtype=torch.int32)).sum(-1)
+        stat_codes = (planes << torch.arange(spec.qq_bits, dtype=torch.int32, device=device)).sum(-1)
         return dequantize(stat_codes.float(), t[f"{name}_scale"][rows // spec.beta2].float(),
                           t[f"{name}_zero"][rows // spec.beta2].float())
 
@@ -238,8 +239,9 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
     row_ptr = t["outlier_row_ptr"].long()
     starts, counts = row_ptr[rows], row_ptr[rows + 1] - row_ptr[rows]
     if int(counts.sum()):
-        local = torch.repeat_interleave(torch.arange(len(rows)), counts)
-        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        local = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+        offsets = (torch.arange(int(counts.sum()), device=device)
+                   - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
         index = torch.repeat_interleave(starts, counts) + offsets
         weight.index_put_((local, t["outlier_col"][index].long()), t["outlier_val"][index].float(), accumulate=True)
     if spec.has_perm:

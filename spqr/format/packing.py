@@ -26,8 +26,9 @@ def pack_bitplanes(codes: torch.Tensor, bits: int, rows_per_step: int = 1024) ->
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
     flat = codes.reshape(-1, n)
-    out = torch.empty(flat.shape[0], n_chunks, bits, dtype=torch.int32)
-    shifts, positions = torch.arange(bits).view(bits, 1), torch.arange(CHUNK)
+    out = torch.empty(flat.shape[0], n_chunks, bits, dtype=torch.int32, device=codes.device)
+    shifts = torch.arange(bits, device=codes.device).view(bits, 1)
+    positions = torch.arange(CHUNK, device=codes.device)
     for r0 in range(0, flat.shape[0], rows_per_step):
         part = torch.nn.functional.pad(flat[r0:r0 + rows_per_step].to(torch.int64), (0, n_chunks * CHUNK - n))
         planes = (part.view(-1, n_chunks, 1, CHUNK) >> shifts) & 1  # [rows, n_chunks, bits, 32]
