@@ -473,12 +473,16 @@ def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batc
         bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
         log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
 
-    if head is not None and first_block < n_steps:
-        if first_block == len(blocks) and inputs:  # resumed right before the head: learn the blocks' return type
-            with torch.inference_mode():
-                as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
-        _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple, config,
-                       report, store, len(blocks))
+    if head is not None:
+        if first_block < n_steps:
+            if first_block == len(blocks) and inputs:  # resumed right before the head: learn the blocks' return type
+                with torch.inference_mode():
+                    as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
+            _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple,
+                           config, report, store, len(blocks))
+        # the quantized head is its own module now (also when it was read back from the progress directory)
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
     if quantize_embeddings:
         attach_quantized_embeddings(model, {embeddings_name: head_name}, dense_dtype)
     report.seconds_total = time.perf_counter() - total_start
@@ -496,7 +500,7 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Linear]:
 def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head: nn.Linear,
                    batches: list[torch.Tensor], last_outputs: list, as_tuple: bool, config: QuantConfig,
                    report: QuantizationReport, store: ProgressStore | None, step: int) -> None:
-    """Quantize the output head (after the blocks) and put it in place; untie it from the embeddings."""
+    """Quantize the output head (after the blocks) and put it in place of the head module."""
     if not bool(torch.isfinite(head.weight).all()):
         raise QuantizationError(f"weights of {head_name} contain NaN or Inf")
     hessian = None
@@ -507,8 +511,10 @@ def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head
         report.seconds_forward += time.perf_counter() - start - seconds
     if head.weight is model.get_input_embeddings().weight:
         # quantize from a copy: the embeddings keep the original weights
-        head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone(), requires_grad=False)
+        tied = head
+        head = nn.Linear(tied.in_features, tied.out_features, bias=False)
+        head.weight = nn.Parameter(tied.weight.detach().clone(), requires_grad=False)
+        head.bias = tied.bias
     start = time.perf_counter()
     first_report = len(report.layers)
     packed = _quantize_group({head_name: head}, hessian, config, "", report, None)
@@ -517,7 +523,5 @@ def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head
         store.save_block(step, packed, report.layers[first_report:], None)
         packed = store.load_block(step)[0]
     set_submodule(model, head_name, SpQRLinear.from_packed(packed[head_name]))
-    model.config.tie_word_embeddings = False
-    model.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
     r = report.layers[-1]
     log.info("%s: relative error %.5f, outliers %.3f%%", head_name, r.relative_error, 100 * r.outlier_share)

@@ -122,7 +122,9 @@ def test_run_interrupted_in_the_head_step_resumes_to_the_same_checkpoint(tmp_pat
     assert len(calls) == 1  # only the head
     assert _sha(resumed) == _sha(reference)
     calls.clear()
-    assert _sha(run("again", progress_dir)) == _sha(reference) and not calls  # everything read back
+    again = run("again", progress_dir)
+    assert _sha(again) == _sha(reference) and not calls  # everything read back
+    assert json.loads((again / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_progress_of_another_run_is_ignored(tmp_path):
