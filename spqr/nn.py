@@ -16,7 +16,8 @@ class SpQRLinear(nn.Module):
     The packed tensors are buffers, so they follow .to(device) and appear in state_dict under
     the layer's name (e.g. `model.layers.0.self_attn.q_proj.qweight`). forward computes from
     them through the registered op torch.ops.spqr.linear (spqr.kernels: C kernels on CPU, Triton
-    on CUDA); with `use_reference = True` it decodes W exactly and calls F.linear instead.
+    on CUDA; eager CPU calls go to the same C kernels directly, without the dispatcher's
+    overhead); with `use_reference = True` it decodes W exactly and calls F.linear instead.
     """
 
     use_reference: bool = False
@@ -64,7 +65,12 @@ class SpQRLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.use_reference:
             return F.linear(x, self.dequantize().to(x.dtype), bias)
-        y = kernels.linear(self.spec, self._buffers, x)
+        if type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call);
+            # tracing, torch.compile and other devices go through the registered op
+            y = kernels.cpu_linear(self.spec, self._buffers, x)
+        else:
+            y = kernels.linear(self.spec, self._buffers, x)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:

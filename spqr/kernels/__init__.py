@@ -41,8 +41,13 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
     kernels = kernels or cpu.load()
     if kernels is None or not spec.kernel_friendly:
         return reference_linear(spec, t, x)
-    y = kernels.matmul(spec, t, x.reshape(-1, spec.in_features).to(torch.float32).contiguous())
-    return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
+    x2d = x.reshape(-1, spec.in_features)
+    if x2d.dtype != torch.float32 or not x2d.is_contiguous():
+        x2d = x2d.to(torch.float32).contiguous()
+    y = kernels.matmul(spec, t, x2d)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], spec.out_features)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -72,10 +72,11 @@ class CpuKernels:
         rows, n = x.shape[0], spec.out_features
         y = torch.empty(rows, n, dtype=torch.float32)
         if rows <= gemv_max_rows:
+            x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
             for i in range(rows):
-                if self._gemv(ctypes.byref(layer), x[i].data_ptr(), y[i].data_ptr(), threads):
+                if self._gemv(layer, x_ptr + 4 * i * spec.in_features, y_ptr + 4 * i * n, threads):
                     raise MemoryError("spqr_gemv could not allocate its workspace")
-        elif self._gemm(ctypes.byref(layer), rows, x.data_ptr(), y.data_ptr(), threads):
+        elif self._gemm(layer, rows, x.data_ptr(), y.data_ptr(), threads):
             raise MemoryError("spqr_gemm could not allocate its workspace")
         return y
 

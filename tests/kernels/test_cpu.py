@@ -179,3 +179,17 @@ def test_the_op_compiles_into_a_torch_compile_graph():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 64)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_eager_module_calls_equal_the_op_and_fake_inputs_go_through_the_op():
+    """SpQRLinear skips the dispatcher for eager CPU tensors: same numbers as the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from spqr.nn import SpQRLinear
+
+    layer = SpQRLinear.from_packed(random_packed_layer(40, 64, 3, 16, 16, 3, 0.02, bias=True, seed=10))
+    for x in (torch.randn(2, 3, 64), torch.randn(1, 64), torch.randn(64, 3).T, torch.randn(4, 64).bfloat16()):
+        expected = kernels.linear(layer.spec, layer._buffers, x) + layer.bias.to(x.dtype)
+        assert layer(x).dtype == x.dtype and torch.equal(layer(x), expected)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert layer(torch.empty(5, 64)).shape == (5, 40)
