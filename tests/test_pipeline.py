@@ -344,3 +344,16 @@ def test_quantize_embeddings_reads_the_tied_head(tmp_path):
         assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     result = generate(load_quantized(tmp_path / "q", dtype=torch.bfloat16), ids[:1, :8], 4, stop_at_eos=False)
     assert len(result.tokens) == 4
+
+    import json
+
+    from spqr.format.io import CheckpointError
+    config_path = tmp_path / "q" / "config.json"
+    original = config_path.read_text()
+    for table, message in (({"model.embed_tokens": "model.layers.0.mlp.down_proj"}, "is 300x40"),
+                           ({"model.nope": "lm_head"}, "nope"), (["lm_head"], "table of module names")):
+        config = json.loads(original)
+        config["quantization_config"]["quantized_embeddings"] = table
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(tmp_path / "q", verify_checksum=False)
