@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -343,22 +342,13 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise ConfigError("quantize_embeddings needs input embeddings tied to the output head "
                              "(tie_word_embeddings); this model's are separate: use quantize_head alone")
-    scratch = None
-    if offload_activations and progress_dir is None:
-        progress_dir = scratch = tempfile.mkdtemp(prefix="spqr-activations-")
-    try:
-        return _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                                progress_dir, block_weights, offload_activations, quantize_head,
-                                quantize_embeddings, progress, report, total_start)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    if offload_activations and progress_dir is None:  # offloaded activations need a directory: a temporary one
+        with tempfile.TemporaryDirectory(prefix="spqr-activations-") as scratch:
+            return quantize(model, calibration, config, skip=skip, batch_size=batch_size, forward_dtype=forward_dtype,
+                            progress_dir=scratch, block_weights=block_weights, offload_activations=True,
+                            quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, progress=progress)
+    offload = offload_activations
 
-
-def _quantize_blocks(model, blocks_name, blocks, calibration, config, skip, batch_size, forward_dtype,
-                     progress_dir, block_weights, offload, quantize_head, quantize_embeddings, progress,
-                     report, total_start) -> QuantizationReport:
-    """The body of `quantize` (arguments checked, progress_dir set when offloading)."""
     _release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
     embeddings_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
