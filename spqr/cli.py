@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from spqr.config import CalibrationConfig, ConfigError, preset
+from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
 from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
@@ -100,6 +101,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     if args.no_error_feedback:
         overrides["error_feedback"] = False
     config = preset(args.method, **overrides)
+    quantize_head: bool | QuantConfig = args.quantize_head
+    if args.head_wbits is not None:
+        quantize_head = dataclasses.replace(config, wbits=args.head_wbits)
     calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed)
     out = Path(args.output)
@@ -123,7 +127,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     try:
         report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
                           forward_dtype=forward_dtype, progress_dir=progress_dir, block_weights=block_weights,
-                          offload_activations=args.offload_activations, quantize_head=args.quantize_head,
+                          offload_activations=args.offload_activations, quantize_head=quantize_head,
                           quantize_embeddings=args.quantize_embeddings)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: "
@@ -318,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the calibration forward passes (bfloat16: faster on CPUs with AMX)")
     q.add_argument("--quantize-head", action="store_true",
                    help="also quantize the output head (lm_head; a tied one is untied from the embeddings)")
+    q.add_argument("--head-wbits", type=int, help="quantize the output head with this many weight bits "
+                   "(implies --quantize-head; the other settings as for the blocks)")
     q.add_argument("--quantize-embeddings", action="store_true",
                    help="with tied embeddings: quantize the head and read the input embeddings from it")
     q.add_argument("--offload-activations", action="store_true",

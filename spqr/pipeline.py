@@ -304,7 +304,7 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
-             offload_activations: bool = False, quantize_head: bool = False,
+             offload_activations: bool = False, quantize_head: bool | QuantConfig = False,
              quantize_embeddings: bool = False, progress: bool = True) -> QuantizationReport:
     """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
 
@@ -321,11 +321,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     offload_activations: keep the calibration activations in files (in progress_dir, or a
     temporary directory) and read one batch at a time, instead of holding them all in memory.
     The result does not depend on progress_dir or offload_activations (byte-identical).
-    quantize_head: also quantize the output head (lm_head) with the same recipe, its Hessian taken
-    from the final hidden states. A head tied to the input embeddings is untied: the embeddings
-    stay in full precision (config.tie_word_embeddings becomes False), unless quantize_embeddings:
-    then (tied heads only; implies quantize_head) the input embeddings become an SpQREmbedding that
-    reads its rows from the quantized head, so the model holds that matrix once, packed.
+    quantize_head: also quantize the output head (lm_head), with the same recipe (True) or the one
+    given (a QuantConfig, e.g. more bits), its Hessian taken from the final hidden states. A head
+    tied to the input embeddings is untied: the embeddings stay in full precision
+    (config.tie_word_embeddings becomes False), unless quantize_embeddings: then (tied heads only;
+    implies quantize_head) the input embeddings become an SpQREmbedding that reads its rows from
+    the quantized head, so the model holds that matrix once, packed.
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -338,10 +339,14 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
     offload_activations = offload_activations and config.needs_hessian
     if quantize_embeddings:
-        quantize_head = True
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise ConfigError("quantize_embeddings needs input embeddings tied to the output head "
-                             "(tie_word_embeddings); this model's are separate: use quantize_head alone")
+                              "(tie_word_embeddings); this model's are separate: use quantize_head alone")
+        if quantize_head is False:
+            quantize_head = True
+    head_config = quantize_head if isinstance(quantize_head, QuantConfig) else config
+    if quantize_head is not False and head_config.needs_hessian and not config.needs_hessian:
+        raise ConfigError("the head's recipe needs calibration activations but the blocks' recipe does not")
     if offload_activations and progress_dir is None:  # offloaded activations need a directory: a temporary one
         with tempfile.TemporaryDirectory(prefix="spqr-activations-") as scratch:
             return quantize(model, calibration, config, skip=skip, batch_size=batch_size, forward_dtype=forward_dtype,
@@ -363,7 +368,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
         # the packed format version too: a block saved in another layout must not be read as this one
         fingerprint = run_fingerprint(FORMAT_VERSION, config.to_dict(), skip, str(forward_dtype), batch_size,
-                                      quantize_head, model.config.to_dict(),
+                                      quantize_head is not False and head_config.to_dict(),
+                                      model.config.to_dict(),
                                       tensors=(first_weight,) if calibration is None else (first_weight, calibration))
         store = ProgressStore(progress_dir, fingerprint)
         first_block = store.next_block()
@@ -374,7 +380,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             return lambda batch, hidden: store.write_activation(block, batch, hidden)
         return _in_memory
 
-    head_name, head = _output_head(model) if quantize_head else (None, None)
+    head_name, head = _output_head(model) if quantize_head is not False else (None, None)
     n_steps = len(blocks) + (head is not None)  # the head is quantized as one more step, after the blocks
 
     inputs: list[tuple] = []
@@ -469,7 +475,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                 with torch.inference_mode():
                     as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
             _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple,
-                           config, report, store, len(blocks))
+                           head_config, report, store, len(blocks))
         # the quantized head is its own module now (also when it was read back from the progress directory)
         model.config.tie_word_embeddings = False
         model.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models

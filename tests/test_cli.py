@@ -113,7 +113,7 @@ def test_options_skip_head_offload_and_eval(model_dirs, text_file, tmp_path):
                "--calib", str(text_file), "--wbits", "4", "--beta1", "8", "--beta2", "8", "--qq-bits", "2",
                "--outlier-threshold", "0.05", "--perm", "identity", "--percdamp", "0.5", "--blocksize", "16",
                "--skip", "mlp.down_proj", "--forward-dtype", "bfloat16", "--eval", "--dataset", str(text_file),
-               "--eval-seqlen", "16", "--quantize-head", "--offload-activations",
+               "--eval-seqlen", "16", "--head-wbits", "3", "--offload-activations",
                "--max-windows", "2", "--json", str(j)])
     assert rc == 0
     summary = json.loads(j.read_text())
@@ -123,7 +123,7 @@ def test_options_skip_head_offload_and_eval(model_dirs, text_file, tmp_path):
     assert summary["forward_dtype"] == "bfloat16"
     assert len(summary["layers"]) == 13 and summary["layers"][-1]["name"] == "lm_head"
     model = load_quantized(out)
-    assert isinstance(model.lm_head, SpQRLinear)
+    assert isinstance(model.lm_head, SpQRLinear) and model.lm_head.spec.wbits == 3
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, SpQRLinear)
     assert model.model.layers[0].mlp.up_proj.spec.qq_bits == 2

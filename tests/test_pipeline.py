@@ -294,6 +294,16 @@ def test_quantize_head_uses_the_final_hidden_states(arch, monkeypatch):
     assert torch.equal(model.lm_head.dequantize(), expected.weight)
 
 
+def test_quantize_head_with_its_own_recipe():
+    from spqr.config import ConfigError
+
+    model = make_model("llama")
+    quantize(model, random_windows(6, 16), QuantConfig(wbits=3), quantize_head=QuantConfig(wbits=5), progress=False)
+    assert model.lm_head.spec.wbits == 5 and model.model.layers[0].mlp.up_proj.spec.wbits == 3
+    with pytest.raises(ConfigError, match="head's recipe needs calibration"):
+        quantize(make_model("llama"), None, preset("rtn"), quantize_head=QuantConfig(), progress=False)
+
+
 def test_quantize_head_checkpoint_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
