@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from spqr.algo.bilevel import QuantizedStat, dequantize_stat, expand_groups
+from spqr.algo.bilevel import expand_groups
 from spqr.algo.engine import QuantizedWeight
 from spqr.algo.quantizer import dequantize
 from spqr.format.packing import pack_bitplanes, unpack_bitplanes
@@ -152,16 +152,6 @@ class PackedLinear:
         return dequantize_layer(self.spec, self.tensors)
 
 
-def _stat_values(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """First-level statistic `name` ("scale"/"zero") as fp32 [n_groups, out]."""
-    if spec.qq_bits is None:
-        stat = QuantizedStat(None, None, None, t[name])
-    else:
-        codes = unpack_bitplanes(t[f"{name}_codes"].transpose(0, 1), spec.qq_bits, spec.out_features)
-        stat = QuantizedStat(codes, t[f"{name}_scale"].T, t[f"{name}_zero"].T, None)
-    return dequantize_stat(stat, spec.beta2)
-
-
 def pack_weight_codes(codes: torch.Tensor, wbits: int) -> torch.Tensor:
     """Weight codes [out, in] -> qweight int32 [ceil(out/16), ceil(in/32), wbits, 16] (see the module docstring)."""
     return _interleave_rows(pack_bitplanes(codes, wbits))
@@ -202,23 +192,14 @@ def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:
 
 def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain reference decoder: fp32 W [out, in] in the original column order."""
-    codes = unpack_weight_codes(t["qweight"], spec.wbits, spec.out_features, spec.in_features).float()
-    scale = expand_groups(_stat_values(spec, t, "scale").T, spec.beta1, spec.in_features)
-    zero = expand_groups(_stat_values(spec, t, "zero").T, spec.beta1, spec.in_features)
-    weight = dequantize(codes, scale, zero)
-    row_ptr = t["outlier_row_ptr"].long()
-    if t["outlier_val"].numel():
-        rows = csr_rows(row_ptr, spec.out_features)
-        weight.index_put_((rows, t["outlier_col"].long()), t["outlier_val"].float(), accumulate=True)
-    if spec.has_perm:
-        weight = weight[:, torch.argsort(t["perm"].long())]
-    return weight
+    return dequantize_rows(spec, t, torch.arange(spec.out_features, device=t["qweight"].device))
 
 
 def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` (int64 [n]) of W, fp32 [n, in] in the original column order: the same values as
-    dequantize_layer(spec, t)[rows], decoding only those rows (an embedding lookup into a quantized
-    matrix reads a few rows of a large one)."""
+    """Rows `rows` (int64 [n]) of W, fp32 [n, in] in the original column order, decoding only those
+    rows (an embedding lookup into a quantized matrix reads a few rows of a large one; all rows are
+    dequantize_layer). W_perm[r, c] = (code - zero) * scale + outlier delta, with the statistics
+    decoded from their bit-planes and second-level grids exactly as the engine stored them."""
     rows = rows.long()
     device = rows.device
     tile_rows = t["qweight"][rows // ROW_TILE, :, :, rows % ROW_TILE]  # [n, chunks, wbits]
