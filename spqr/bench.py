@@ -120,7 +120,7 @@ def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_sha
                              include_head: bool = False) -> torch.nn.Module:
     """Every Linear of the decoder blocks (and the output head if include_head) becomes a random packed
     SpQR layer of the same shape (in place): the speed of a quantized model without running a quantization."""
-    from spqr.hf import block_linears, find_decoder_blocks, set_submodule
+    from spqr.hf import block_linears, find_decoder_blocks, module_name, set_submodule
     from spqr.nn import SpQRLinear
 
     def random_like(linear: torch.nn.Linear, seed: int) -> SpQRLinear:
@@ -134,6 +134,5 @@ def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_sha
             set_submodule(block, name, random_like(linear, index))
     if include_head:
         head = model.get_output_embeddings()
-        name = next(n for n, m in model.named_modules() if m is head)
-        set_submodule(model, name, random_like(head, len(blocks)))
+        set_submodule(model, module_name(model, head), random_like(head, len(blocks)))
     return model

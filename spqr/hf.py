@@ -195,6 +195,11 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    """The qualified name of `module` inside `root` (e.g. "lm_head")."""
+    return next(name for name, m in root.named_modules() if m is module)
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)

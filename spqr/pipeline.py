@@ -32,6 +32,7 @@ from spqr.hf import (
     block_linears,
     find_decoder_blocks,
     materialize,
+    module_name,
     set_submodule,
 )
 from spqr.nn import SpQRLinear
@@ -352,11 +353,10 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             return quantize(model, calibration, config, skip=skip, batch_size=batch_size, forward_dtype=forward_dtype,
                             progress_dir=scratch, block_weights=block_weights, offload_activations=True,
                             quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, progress=progress)
-    offload = offload_activations
 
     _release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
-    embeddings_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    embeddings_name = module_name(model, model.get_input_embeddings())
 
     def load_block(index: int) -> None:
         if block_weights is not None:
@@ -376,7 +376,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 
     def keep(block: int) -> Keep:
         """How the hidden states entering `block` are kept: on disk when offloading, else in memory."""
-        if offload:
+        if offload_activations:
             return lambda batch, hidden: store.write_activation(block, batch, hidden)
         return _in_memory
 
@@ -404,7 +404,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             report.layers.extend(LayerReport(**r) for r in reports)
         if config.needs_hessian and first_block < n_steps:
             inputs = [(hidden, kwargs) for hidden, (_, kwargs)
-                      in zip(store.load_activations(first_block, offload), inputs)]
+                      in zip(store.load_activations(first_block, offload_activations), inputs)]
 
     as_tuple = False  # whether the blocks return tuples (older transformers) or tensors
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
@@ -455,11 +455,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 
         block_reports = report.layers[first_report:]
         if store is not None:
-            store.save_block(index, {prefix + name: p for name, p in packed_layers.items()}, block_reports,
-                             [hidden for hidden, _ in inputs] if needed else None)
-            # From here on the block's packed tensors are used memory-mapped from the progress file:
-            # finished blocks do not accumulate in memory.
-            packed_layers = {name.removeprefix(prefix): p for name, p in store.load_block(index)[0].items()}
+            saved = store.save_block(index, {prefix + name: p for name, p in packed_layers.items()}, block_reports,
+                                     [hidden for hidden, _ in inputs] if needed else None)
+            packed_layers = {name.removeprefix(prefix): p for name, p in saved.items()}  # memory-mapped
         for name, packed in packed_layers.items():
             set_submodule(block, name, SpQRLinear.from_packed(packed))
         weights = sum(r.out_features * r.in_features for r in block_reports)
@@ -490,7 +488,7 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Linear]:
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"quantize_head: the model's output head is a {type(head).__name__}, not a Linear")
-    return next(name for name, m in model.named_modules() if m is head), head
+    return module_name(model, head), head
 
 
 def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head: nn.Linear,
@@ -516,8 +514,7 @@ def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head
     packed = _quantize_group({head_name: head}, hessian, config, "", report, None)
     report.seconds_engine += time.perf_counter() - start
     if store is not None:
-        store.save_block(step, packed, report.layers[first_report:], None)
-        packed = store.load_block(step)[0]
+        packed = store.save_block(step, packed, report.layers[first_report:], None)  # memory-mapped
     set_submodule(model, head_name, SpQRLinear.from_packed(packed[head_name]))
     r = report.layers[-1]
     log.info("%s: relative error %.5f, outliers %.3f%%", head_name, r.relative_error, 100 * r.outlier_share)

@@ -93,10 +93,11 @@ class ProgressStore:
         return OffloadedHidden(path)
 
     def save_block(self, index: int, packed: dict[str, PackedLinear], reports: list,
-                   activations: list[torch.Tensor | OffloadedHidden] | None) -> None:
+                   activations: list[torch.Tensor | OffloadedHidden] | None) -> dict[str, PackedLinear]:
         """Record block `index` as finished: its packed layers (by full name), reports and the next
         block's inputs (None when no further block needs them; batches already written with
-        `write_activation` are not written again)."""
+        `write_activation` are not written again). Returns the packed layers as read back from the
+        file, memory-mapped: using these instead of `packed`, finished blocks do not accumulate in memory."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{key}": t for name, layer in packed.items() for key, t in layer.tensors.items()}
         metadata = {"reports": json.dumps([asdict(r) for r in reports]),
@@ -110,6 +111,7 @@ class ProgressStore:
         tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint, "layout": LAYOUT}))
         os.replace(tmp, self.directory / STATE_NAME)
         shutil.rmtree(self._activations_dir(index), ignore_errors=True)  # the previous block's inputs
+        return self.load_block(index)[0]
 
     def load_block(self, index: int) -> tuple[dict[str, PackedLinear], list[dict]]:
         """Packed layers by full name, and the LayerReport fields, of a finished block."""

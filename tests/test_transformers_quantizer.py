@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import spqr
 from spqr.format.io import read_weights, write_weights
+from spqr.hf import module_name
 from spqr.nn import SpQRLinear
 
 IDS = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
@@ -44,7 +45,7 @@ def test_from_pretrained_in_bfloat16_keeps_the_packed_dtypes(quantized_llama):
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
     layer = next(m for m in model.modules() if isinstance(m, SpQRLinear))
     reference = spqr.load_quantized(checkpoint)
-    ref_layer = reference.get_submodule(next(n for n, m in model.named_modules() if m is layer))
+    ref_layer = reference.get_submodule(module_name(model, layer))
     loaded = layer.packed_tensors()
     for key, tensor in ref_layer.packed_tensors().items():
         if key != "bias":

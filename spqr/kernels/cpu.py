@@ -155,7 +155,6 @@ def load(variant: str = "native") -> CpuKernels | None:
         return None
 
 
-
 def describe() -> str:
     """One line saying which CPU path is in use (builds the kernels if needed)."""
     kernels = load()
