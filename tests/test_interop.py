@@ -80,21 +80,23 @@ def test_import_refuses_malformed_tensors():
         import_layer({**exported, "in_perm": exported["in_perm"].long()}, 32, 32, "q")
 
 
-@pytest.fixture(scope="module")
-def exportable_checkpoint(tmp_path_factory, tokenizer):
-    """A tiny llama whose every Linear is a multiple of 16, quantized with the SpQR recipe."""
+def _quantized_tiny_llama(path, tied: bool, tokenizer=None, **quantize_options):
+    """Save, quantized with the SpQR recipe, a tiny llama whose every Linear is a multiple of 16."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_config(config).eval()
     recipe = QuantConfig(outlier_threshold=0.1)
-    quantize(model, torch.randint(0, 300, (4, 32)), recipe, progress=False)
-    path = tmp_path_factory.mktemp("interop") / "ours"
-    save_quantized(model, path, recipe.to_dict(), tokenizer=tokenizer)
-    return path
+    quantize(model, torch.randint(0, 256, (4, 32)), recipe, progress=False, **quantize_options)
+    return save_quantized(model, path, recipe.to_dict(), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def exportable_checkpoint(tmp_path_factory, tokenizer):
+    return _quantized_tiny_llama(tmp_path_factory.mktemp("interop") / "ours", tied=False, tokenizer=tokenizer)
 
 
 def test_checkpoint_round_trip(exportable_checkpoint, tmp_path):
@@ -139,16 +141,7 @@ def test_gptq_recipe_is_refused(tmp_path, tokenizer):
 
 
 def test_embeddings_read_from_the_head_are_refused(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    recipe = QuantConfig(outlier_threshold=0.1)
-    quantize(model, torch.randint(0, 256, (4, 32)), recipe, quantize_embeddings=True, progress=False)
-    save_quantized(model, tmp_path / "ours", recipe.to_dict())
+    _quantized_tiny_llama(tmp_path / "ours", tied=True, quantize_embeddings=True)
     with pytest.raises(ConversionError, match="model.embed_tokens: embeddings read from the quantized head"):
         export_spqr_quant(tmp_path / "ours", tmp_path / "out")
     assert not (tmp_path / "out").exists()
