@@ -212,16 +212,51 @@ static inline void tile_stats16(const spqr_layer *L, const tile_cursor *c, int64
     }
 }
 
+/* Bilevel statistics of one 16-row tile (mode 1) as coefficients per group g, [2 qq + 2][n_groups]:
+ *   scale(g)            = sum over the set bits b of the scale code of coef[b][g]          + coef[qq][g]
+ *   zero(g) * xsum(g)   = sum over the set bits b of the zero code of coef[qq + 1 + b][g]  + coef[2 qq + 1][g]
+ * with coef[b] = 2^b * second-level scale, coef[qq] = -second-level zero * scale (zero: the same, times the
+ * group's sum of x). The matrix-vector kernel then decodes a statistic with qq masked adds. */
+static void bilevel_coefficients(const spqr_layer *L, int64_t r0, const float *group_sums, float *coef) {
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1), qq = L->qq_bits, s2 = (r0 / L->beta2) * n_groups;
+    for (int64_t g = 0; g < n_groups; g += 16) {
+        const __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1u);
+        const __m512 xsum = _mm512_maskz_loadu_ps(k, group_sums + g);
+        for (int stat = 0; stat < 2; stat++) {
+            const uint16_t *second_scale = stat ? L->zero_scale : L->scale_scale;
+            const uint16_t *second_zero = stat ? L->zero_zero : L->scale_zero;
+            __m512 unit = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, second_scale + s2 + g));
+            const __m512 offset = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, second_zero + s2 + g)), unit);
+            float *c = coef + stat * (qq + 1) * n_groups + g;
+            if (stat) unit = _mm512_mul_ps(unit, xsum);
+            _mm512_mask_storeu_ps(c + qq * n_groups, k, stat ? _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(offset, xsum))
+                                                             : _mm512_sub_ps(_mm512_setzero_ps(), offset));
+            for (int64_t b = 0; b < qq; b++, unit = _mm512_add_ps(unit, unit)) _mm512_mask_storeu_ps(c + b * n_groups, k, unit);
+        }
+    }
+}
+
+/* sum over the set bits b (mask from the 16-bit half-words at codes + 4 b) of coef[b * stride] + coef[qq * stride] */
+static inline __m512 masked_sum16(const char *codes, int64_t qq, const float *coef, int64_t stride) {
+    __m512 v = _mm512_set1_ps(coef[qq * stride]);
+    for (int64_t b = 0; b < qq; b++) v = _mm512_mask_add_ps(v, load_mask16(codes + 4 * b), v, _mm512_set1_ps(coef[b * stride]));
+    return v;
+}
+
 /* A full 16-row tile with WB bits per code (a compile-time constant after inlining), by table lookup.
- * lut[q][p] = sum of x[4q + j] over the bits j set in p (see spqr_gemv), so for each bit-plane b the
- * 4-bit slices of the 16 rows' plane words pick, with one permute per 4 columns, the partial dot
- * products sum_j bit_b(code_j) x_j of all 16 rows at once: sum_j code_j x_j = sum_b 2^b (those sums). */
+ * lut[q][p] = sum of x[4q + j] over the bits j set in p (see spqr_gemv), so for each bit-plane b the 4-bit
+ * slices of the 16 rows' plane words pick, with one permute per 4 columns, the partial dot products
+ * s_b = sum_j bit_b(code_j) x_j of all 16 rows at once; sum_j code_j x_j = sum_b 2^b s_b (Horner).
+ * coef: scratch of [2 qq + 2][n_groups] floats for bilevel_coefficients. */
 static inline __attribute__((always_inline)) void gemv_tile16(const spqr_layer *L, const float *lut, const float *x,
-                                                              const float *group_sums, float *y, int64_t r0,
-                                                              const int WB) {
+                                                              const float *group_sums, float *coef, float *y,
+                                                              int64_t r0, const int WB) {
     const int64_t K = L->in_features, n_chunks = ceil_div(K, 32), beta1 = L->beta1;
+    const int64_t n_groups = ceil_div(K, beta1), qq = L->qq_bits;
     const int32_t *tile = L->qweight + (r0 / TILE) * n_chunks * WB * TILE;
     const tile_cursor cursor = tile_cursor_at(L, r0);
+    if (cursor.mode == 1) bilevel_coefficients(L, r0, group_sums, coef);
+    const __m512 two = _mm512_set1_ps(2.0f);
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, zero_term = _mm512_setzero_ps();
     __m512 scale = _mm512_setzero_ps();
     int64_t loaded_group = -1;
@@ -232,27 +267,34 @@ static inline __attribute__((always_inline)) void gemv_tile16(const spqr_layer *
         for (int h = 0; h < 2 && 32 * c + 16 * h < K; h++) { /* columns 32c + 16h .. +15: one group */
             const int64_t g = (32 * c + 16 * h) / beta1;
             if (g != loaded_group) {
-                __m512 z;
-                tile_stats16(L, &cursor, g, r0, &scale, &z);
-                zero_term = _mm512_fmadd_ps(_mm512_mul_ps(scale, z), _mm512_set1_ps(group_sums[g]), zero_term);
+                __m512 zero_xsum; /* zero * (sum of x over the group) */
+                if (cursor.mode == 1) {
+                    scale = masked_sum16(cursor.scale_codes + g * cursor.code_stride, qq, coef + g, n_groups);
+                    zero_xsum = masked_sum16(cursor.zero_codes + g * cursor.code_stride, qq,
+                                             coef + (qq + 1) * n_groups + g, n_groups);
+                } else {
+                    tile_stats16(L, &cursor, g, r0, &scale, &zero_xsum);
+                    zero_xsum = _mm512_mul_ps(zero_xsum, _mm512_set1_ps(group_sums[g]));
+                }
+                zero_term = _mm512_fmadd_ps(scale, zero_xsum, zero_term);
                 loaded_group = g;
             }
             const float *table = lut + (c * 8 + h * 4) * 16;
             const __m512 t0 = _mm512_load_ps(table), t1 = _mm512_load_ps(table + 16);
             const __m512 t2 = _mm512_load_ps(table + 32), t3 = _mm512_load_ps(table + 48);
-            __m512 weight = scale;
+            __m512 dot = _mm512_setzero_ps(); /* sum_j code_j x_j of the 16 rows over these 16 columns */
 #pragma GCC unroll 8
-            for (int b = 0; b < WB; b++) {
+            for (int b = WB - 1; b >= 0; b--) {
                 __m512i v = _mm512_loadu_si512(planes + b * TILE);
                 if (h) v = _mm512_srli_epi32(v, 16);
                 /* permutes read the low 4 bits of each lane: no masking needed */
-                __m512 sum = _mm512_add_ps(_mm512_permutexvar_ps(v, t0),
-                                           _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t1));
-                sum = _mm512_add_ps(sum, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t2),
-                                                       _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t3)));
-                acc[h] = _mm512_fmadd_ps(sum, weight, acc[h]);
-                weight = _mm512_add_ps(weight, weight);
+                const __m512 sum = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_permutexvar_ps(v, t0), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t1)),
+                    _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t2),
+                                  _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t3)));
+                dot = b == WB - 1 ? sum : _mm512_fmadd_ps(dot, two, sum);
             }
+            acc[h] = _mm512_fmadd_ps(dot, scale, acc[h]);
         }
     }
     float result[TILE];
@@ -302,26 +344,25 @@ int spqr_gemv(const spqr_layer *L, const float *x_in, float *y, int n_threads) {
         build_lut(x, K, lut);
     }
 #endif
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t t = 0; t < n_tiles; t++) {
-        const int64_t r0 = t * TILE;
-        const int n = (int)(N - r0 < TILE ? N - r0 : TILE);
+#pragma omp parallel num_threads(n_threads)
+    {
+        /* per-thread scratch of the table-lookup path (without it, this thread takes the plain path) */
+        float *coef = lut ? (float *)malloc(sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            const int64_t r0 = t * TILE;
+            const int n = (int)(N - r0 < TILE ? N - r0 : TILE);
 #if SPQR_AVX512
-        if (lut && n == TILE) {
-            switch (L->wbits) {
-                case 1: gemv_tile16(L, lut, x, group_sums, y, r0, 1); continue;
-                case 2: gemv_tile16(L, lut, x, group_sums, y, r0, 2); continue;
-                case 3: gemv_tile16(L, lut, x, group_sums, y, r0, 3); continue;
-                case 4: gemv_tile16(L, lut, x, group_sums, y, r0, 4); continue;
-                case 5: gemv_tile16(L, lut, x, group_sums, y, r0, 5); continue;
-                case 6: gemv_tile16(L, lut, x, group_sums, y, r0, 6); continue;
-                case 7: gemv_tile16(L, lut, x, group_sums, y, r0, 7); continue;
-                case 8: gemv_tile16(L, lut, x, group_sums, y, r0, 8); continue;
-                default: break;
+#define GEMV_CASE(WB) case WB: gemv_tile16(L, lut, x, group_sums, coef, y, r0, WB); continue;
+            if (coef && n == TILE) {
+                switch (L->wbits) { GEMV_CASE(1) GEMV_CASE(2) GEMV_CASE(3) GEMV_CASE(4)
+                                    GEMV_CASE(5) GEMV_CASE(6) GEMV_CASE(7) GEMV_CASE(8) default: break; }
             }
-        }
+#undef GEMV_CASE
 #endif
-        gemv_tile_plain(L, x, y, r0, n);
+            gemv_tile_plain(L, x, y, r0, n);
+        }
+        free(coef);
     }
     free(lut);
     free(group_sums);
