@@ -25,21 +25,26 @@ def kern(request) -> cpu.CpuKernels:
 
 
 def _check(layer: PackedLinear, kern: cpu.CpuKernels, rows: int, seed: int = 0, scale: float = 1.0) -> None:
-    """Kernel output vs float64 x @ Wᵀ of the reference decoder, within fp32 rounding of the sum of |terms|."""
-    weight = dequantize_layer(layer.spec, layer.tensors).double()
+    """Every path's output vs float64 x @ Wᵀ of the reference decoder (see _assert_exact_within_fp32)."""
     x = scale * torch.randn(rows, layer.spec.in_features, generator=torch.Generator().manual_seed(seed))
+    outputs = {"dispatch": kernels.cpu_linear(layer.spec, layer.tensors, x, kern)}  # as the op runs it
+    for path in ("gemv", "gemm") + (("amx",) if kern.has_amx else ()):
+        outputs[path] = kern.matmul(layer.spec, layer.tensors, x, path=path)
+    for path, y in outputs.items():
+        _assert_exact_within_fp32(layer, x, y, path)
+
+
+def _assert_exact_within_fp32(layer: PackedLinear, x: torch.Tensor, y: torch.Tensor, path: str) -> None:
+    """y within fp32 rounding of the sum of |terms| of float64 x @ Wᵀ (W from the reference decoder)."""
+    weight = dequantize_layer(layer.spec, layer.tensors).double()
     exact = x.double() @ weight.T
     bound = x.double().abs() @ weight.abs().T
     tolerance = 4 * layer.spec.in_features * torch.finfo(torch.float32).eps * bound + 1e-30
-    outputs = {"dispatch": kernels.cpu_linear(layer.spec, layer.tensors, x, kern),  # as the op runs it
-               "matrix-vector": kern.matmul(layer.spec, layer.tensors, x, gemv_max_rows=rows),
-               "matrix-matrix": kern.matmul(layer.spec, layer.tensors, x, gemv_max_rows=0)}
-    for path, y in outputs.items():
-        error = (y.double() - exact).abs()
-        worst = float((error / tolerance).max())
-        assert worst <= 1.0, f"{path}: error {worst:.2f}x the fp32 tolerance"
-        # and far below it in practice: the kernels sum in fp32 like a dense matmul does
-        assert float((error / (bound + 1e-30)).max()) < 1e-5, path
+    error = (y.double() - exact).abs()
+    worst = float((error / tolerance).max())
+    assert worst <= 1.0, f"{path}: error {worst:.2f}x the fp32 tolerance"
+    # and far below it in practice: the kernels sum in fp32 like a dense matmul does
+    assert float((error / (bound + 1e-30)).max()) < 1e-5, path
 
 
 SHAPES = [(64, 64), (37, 50), (16, 16), (1, 1), (100, 200), (33, 130), (48, 96), (257, 31)]
@@ -113,9 +118,11 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
 
 @pytest.mark.parametrize("perm", [True, False])
 def test_matrix_kernel_decodes_bit_exactly(kern, perm):
-    """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit."""
+    """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit.
+
+    (The AMX path computes scale * code - scale * zero instead, equal within rounding: covered by _check.)"""
     layer = random_packed_layer(70, 150, 3, 16, 16, 3, 0.05, perm=perm, seed=4)
-    y = kern.matmul(layer.spec, layer.tensors, torch.eye(150))
+    y = kern.matmul(layer.spec, layer.tensors, torch.eye(150), path="gemm")
     assert torch.equal(y.T, dequantize_layer(layer.spec, layer.tensors))
 
 
@@ -162,6 +169,38 @@ def test_reference_only_mode_and_build_failure(monkeypatch, caplog, tmp_path):
                            kernels.reference_linear(layer.spec, layer.tensors, x))
     finally:
         cpu.load.cache_clear()
+
+
+def test_amx_path_or_its_refusal():
+    """AMX (where the CPU has it): batches over AMX_MAX_ROWS in pieces, its kept workspace reused across shapes
+    and shared by concurrent calls. Elsewhere asking for it is a clear error."""
+    kern = cpu.load("native")
+    assert kern is not None
+    layer = random_packed_layer(100, 70, 3, 16, 16, 3, 0.03, seed=11)
+    if not kern.has_amx:
+        with pytest.raises(RuntimeError, match="AMX kernel is not available"):
+            kern.matmul(layer.spec, layer.tensors, torch.randn(20, 70), path="amx")
+        pytest.skip("this CPU has no AMX tile unit: its refusal is tested, its numbers are not")
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = random_packed_layer(48, 300, 4, 32, 16, 3, 0.02, seed=12)  # groups of two 16-column blocks
+    for lay, rows in ((layer, cpu.AMX_MAX_ROWS + 37), (big, 40), (layer, 3)):
+        x = torch.randn(rows, lay.spec.in_features)
+        _assert_exact_within_fp32(lay, x, kern.matmul(lay.spec, lay.tensors, x, path="amx"), "amx")
+    xs = [torch.randn(50, 70) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:  # some calls find the workspace busy and use their own
+        ys = list(pool.map(lambda x: kern.matmul(layer.spec, layer.tensors, x, path="amx"), xs))
+    for x, y in zip(xs, ys):
+        assert torch.equal(y, kern.matmul(layer.spec, layer.tensors, x, path="amx"))
+
+
+def test_amx_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("SPQR_AMX", "0")
+    kern = cpu.load("native")
+    assert kern is not None
+    assert not cpu.CpuKernels(kern.lib, "native").has_amx
+    with pytest.raises(ValueError, match="unknown kernel path"):
+        kern.matmul(LayerSpec(16, 16, 3, 16, 16, 3, False, False), {}, torch.randn(1, 16), path="fast")
 
 
 def test_non_contiguous_buffers_are_refused(kern):
