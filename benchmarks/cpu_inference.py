@@ -5,7 +5,8 @@
 1. Matrix-vector, 3-bit beta1=beta2=16, 1% outliers, on 4096x4096, 11008x4096, 4096x11008, against
    torch fp16 and fp32 F.linear (cold caches: weights rotate through copies larger than the LLC);
    achieved GB/s of the packed bytes against the machine's read bandwidth. Also 2 and 4 bits.
-2. Matrix-matrix with 64 and 512 input rows against fp32 F.linear.
+2. Matrix-matrix with 64 and 512 input rows against fp32 F.linear (on an AMX machine the default AMX kernel,
+   and the AVX-512 kernel as `spqr_gemm_ms`).
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
    model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
    tokens match the reference's?). Also the checkpoint made with --quantize-head, if given.
@@ -47,6 +48,7 @@ def log(msg: str) -> None:
 
 def kernel_section() -> dict:
     result: dict = {"matvec": [], "matvec_bits": [], "matmul": []}
+    amx = bool(cpu.load() and cpu.load().has_amx)  # matmul: AMX kernel by default, the AVX-512 one timed too
     for out, inp in SHAPES:
         r = bench_linear_shape(out, inp, 1, cold=True)
         r["meets_3x_fp16"], r["meets_5x_fp32"] = r["speedup_vs_float16"] >= 3, r["speedup_vs_float32"] >= 5
@@ -60,11 +62,12 @@ def kernel_section() -> dict:
         log(f"matvec 4096x4096 {wbits}-bit: spqr {r['spqr_ms']:.3f} ms ({r['speedup_vs_float16']:.2f}x fp16)")
     for out, inp in SHAPES:
         for rows in (64, 512):
-            r = bench_linear_shape(out, inp, rows, cold=False, repeats=5, baselines=(torch.float32,))
+            r = bench_linear_shape(out, inp, rows, cold=False, repeats=5, baselines=(torch.float32,),
+                                   cpu_paths=("gemm",) if amx else ())
             r["no_slower_than_fp32"] = r["speedup_vs_float32"] >= 1
             result["matmul"].append(r)
             log(f"matmul {out}x{inp} rows={rows}: spqr {r['spqr_ms']:.2f} ms, fp32 {r['float32_ms']:.2f} ms "
-                f"({r['speedup_vs_float32']:.2f}x)")
+                f"({r['speedup_vs_float32']:.2f}x)" + (f", AVX-512 kernel {r['spqr_gemm_ms']:.2f} ms" if amx else ""))
     return result
 
 
@@ -208,6 +211,7 @@ def main() -> None:
     kernels = cpu.load()
     result: dict = {"machine": {"threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
                                 "avx512": bool(kernels and kernels.has_avx512),
+                                "amx": bool(kernels and kernels.has_amx),
                                 "read_bandwidth_gbs": memory_bandwidth_gbs()}}
     log(f"read bandwidth {result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
     start = time.time()

@@ -64,8 +64,10 @@ def _copies(make: Callable[[], object], nbytes: int, cold: bool, pool_bytes: int
 def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: int = 3, beta1: int = 16,
                        beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
                        baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3,
-                       device: str = "cpu") -> dict:
+                       device: str = "cpu", cpu_paths: tuple[str, ...] = ()) -> dict:
     """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype.
+
+    cpu_paths: also time these paths of the CPU kernels (e.g. "gemm": the AVX-512 kernel where AMX is the default).
 
     The candidates take turns for `rounds` rounds of `repeats` calls, so that a slow phase of a noisy
     machine hits them alike; each time is the median of all its calls. On a GPU (device="cuda") the
@@ -81,6 +83,10 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
                      cold, pool)
     candidates: dict[str, Callable[[int], object]] = {
         "spqr": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
+    cpu_kernels = kernels.cpu.load() if cpu_paths else None
+    for path in cpu_paths if cpu_kernels else ():
+        candidates[f"spqr_{path}"] = lambda i, p=path: cpu_kernels.matmul(layer.spec, layers[i % len(layers)], x,
+                                                                          path=p)
     for dtype in baselines:
         nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
         weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features, device=device).to(dt), nbytes,
@@ -97,7 +103,9 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
               "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "rounds": rounds,
               "spqr_ms": 1e3 * seconds["spqr"], "spqr_packed_gbs": packed_bytes(layer) / seconds["spqr"] / 1e9}
     for name, value in seconds.items():
-        if name != "spqr":
+        if name.startswith("spqr_"):
+            result[f"{name}_ms"] = 1e3 * value
+        elif name != "spqr":
             result[f"{name}_ms"] = 1e3 * value
             result[f"speedup_vs_{name}"] = value / seconds["spqr"]
     return result
