@@ -18,6 +18,7 @@
  * Without AVX-512 (or with -DSPQR_PORTABLE) plain C loops compute the same thing.
  */
 #define _GNU_SOURCE /* syscall() */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +111,51 @@ static void tile_stats(const spqr_layer *L, int64_t g, int64_t r0, int n, float 
         zero[i] = ((float)plane_code_strided(zc, qq, r, n_groups * qq) - half_to_float(L->zero_zero[s2])) *
                   half_to_float(L->zero_scale[s2]);
     }
+}
+
+/* The matrix-vector and AMX kernels' scratch (copies of x, tables, per-thread buffers) lives in one buffer kept
+ * between calls (it grows to the largest call): fresh pages cost as much as a tenth of an AMX prefill matmul,
+ * and the table of a wide layer is big enough to be mapped afresh on every call otherwise. A call that finds it
+ * in use gets a private buffer. (The AVX-512 matrix kernel measured no faster with it.) */
+typedef struct {
+    char *ptr;
+    int shared;
+} workspace;
+static char *shared_workspace;
+static size_t shared_workspace_bytes;
+static pthread_mutex_t shared_workspace_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A region's footprint in the workspace: whole cache lines and 5 more, so that consecutive regions don't start
+ * at the same offset modulo 4 KiB (where loads and stores 4 KiB apart would slow each other down). */
+static inline size_t region(size_t bytes) { return (bytes + 63) / 64 * 64 + 5 * 64; }
+
+static workspace workspace_acquire(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (pthread_mutex_trylock(&shared_workspace_lock) != 0) return (workspace){(char *)aligned_alloc(64, bytes), 0};
+    if (shared_workspace_bytes < bytes) {
+        free(shared_workspace);
+        shared_workspace = (char *)aligned_alloc(64, bytes);
+        shared_workspace_bytes = shared_workspace ? bytes : 0;
+    }
+    if (!shared_workspace) {
+        pthread_mutex_unlock(&shared_workspace_lock);
+        return (workspace){NULL, 0};
+    }
+    return (workspace){shared_workspace, 1};
+}
+
+static void workspace_release(workspace ws) {
+    if (ws.shared) pthread_mutex_unlock(&shared_workspace_lock);
+    else free(ws.ptr);
+}
+
+/* Frees the kept workspace (e.g. after a long prompt). */
+void spqr_release_workspace(void) {
+    pthread_mutex_lock(&shared_workspace_lock);
+    free(shared_workspace);
+    shared_workspace = NULL;
+    shared_workspace_bytes = 0;
+    pthread_mutex_unlock(&shared_workspace_lock);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -334,9 +380,17 @@ static void build_lut(const float *x, int64_t K, float *lut) {
 int spqr_gemv(const spqr_layer *L, const float *x_in, float *y, int n_threads) {
     const int64_t N = L->out_features, K = L->in_features, n_groups = ceil_div(K, L->beta1);
     const int64_t n_tiles = ceil_div(N, TILE);
-    float *group_sums = (float *)malloc(sizeof(float) * (size_t)(n_groups + K));
-    if (!group_sums) return 1;
-    float *x = group_sums + n_groups; /* x in the sweep's column order */
+    int use_lut = 0; /* the table-lookup path (full 16-row tiles, beta1 a multiple of 16) */
+#if SPQR_AVX512
+    use_lut = L->beta1 % 16 == 0 && N >= TILE;
+#endif
+    /* workspace: group sums, x in the sweep's column order, the table, each thread's coefficients */
+    const size_t sums_bytes = region(sizeof(float) * (size_t)(n_groups + K));
+    const size_t lut_bytes = use_lut ? region(sizeof(float) * 16 * 8 * (size_t)ceil_div(K, 32)) : 0;
+    const size_t coef_bytes = use_lut ? region(sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : 0;
+    workspace ws = workspace_acquire(sums_bytes + lut_bytes + (size_t)n_threads * coef_bytes);
+    if (!ws.ptr) return 1;
+    float *group_sums = (float *)ws.ptr, *x = group_sums + n_groups;
     for (int64_t k = 0; k < K; k++) x[k] = x_in[perm_index(L, k)];
     for (int64_t g = 0; g < n_groups; g++) {
         float s = 0.0f;
@@ -344,28 +398,22 @@ int spqr_gemv(const spqr_layer *L, const float *x_in, float *y, int n_threads) {
         for (int64_t c = g * L->beta1; c < c1; c++) s += x[c];
         group_sums[g] = s;
     }
-    float *lut = NULL;
+    float *lut = use_lut ? (float *)(ws.ptr + sums_bytes) : NULL;
 #if SPQR_AVX512
-    if (L->beta1 % 16 == 0 && N >= TILE) {
-        lut = (float *)aligned_alloc(64, sizeof(float) * 16 * 8 * (size_t)ceil_div(K, 32));
-        if (!lut) {
-            free(group_sums);
-            return 1;
-        }
-        build_lut(x, K, lut);
-    }
+    if (use_lut) build_lut(x, K, lut);
+#else
+    (void)lut;
 #endif
 #pragma omp parallel num_threads(n_threads)
     {
-        /* per-thread scratch of the table-lookup path (without it, this thread takes the plain path) */
-        float *coef = lut ? (float *)malloc(sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : NULL;
+        float *coef = use_lut ? (float *)(ws.ptr + sums_bytes + lut_bytes + (size_t)thread_index() * coef_bytes) : NULL;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_tiles; t++) {
             const int64_t r0 = t * TILE;
             const int n = (int)(N - r0 < TILE ? N - r0 : TILE);
 #if SPQR_AVX512
 #define GEMV_CASE(WB) case WB: gemv_tile16(L, lut, x, group_sums, coef, y, r0, WB); continue;
-            if (coef && n == TILE) {
+            if (use_lut && n == TILE) {
                 switch (L->wbits) { GEMV_CASE(1) GEMV_CASE(2) GEMV_CASE(3) GEMV_CASE(4)
                                     GEMV_CASE(5) GEMV_CASE(6) GEMV_CASE(7) GEMV_CASE(8) default: break; }
             }
@@ -373,10 +421,9 @@ int spqr_gemv(const spqr_layer *L, const float *x_in, float *y, int n_threads) {
 #endif
             gemv_tile_plain(L, x, y, r0, n);
         }
-        free(coef);
+        (void)coef;
     }
-    free(lut);
-    free(group_sums);
+    workspace_release(ws);
     return 0;
 }
 
@@ -581,7 +628,6 @@ int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_th
  *     C              += A_lo [16 x 32: lo | zeros]                  . B
  * Scales and zero terms are applied with AVX-512 once per group, outliers from a transposed copy of X. */
 #if SPQR_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -723,45 +769,6 @@ static inline void amx_accumulate(float *acc, const float *c, const float *scale
     }
 }
 
-/* The AMX kernel's copies of X live in one buffer kept between calls (it grows to the largest call): fresh
- * pages cost as much as a tenth of a prefill matmul. A call that finds it in use gets a private buffer. */
-typedef struct {
-    char *ptr;
-    int shared;
-} workspace;
-static char *shared_workspace;
-static size_t shared_workspace_bytes;
-static pthread_mutex_t shared_workspace_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static workspace workspace_acquire(size_t bytes) {
-    bytes = (bytes + 63) / 64 * 64;
-    if (pthread_mutex_trylock(&shared_workspace_lock) != 0) return (workspace){(char *)aligned_alloc(64, bytes), 0};
-    if (shared_workspace_bytes < bytes) {
-        free(shared_workspace);
-        shared_workspace = (char *)aligned_alloc(64, bytes);
-        shared_workspace_bytes = shared_workspace ? bytes : 0;
-    }
-    if (!shared_workspace) {
-        pthread_mutex_unlock(&shared_workspace_lock);
-        return (workspace){NULL, 0};
-    }
-    return (workspace){shared_workspace, 1};
-}
-
-static void workspace_release(workspace ws) {
-    if (ws.shared) pthread_mutex_unlock(&shared_workspace_lock);
-    else free(ws.ptr);
-}
-
-/* Frees the kept workspace (e.g. after a long prompt). */
-void spqr_release_workspace(void) {
-    pthread_mutex_lock(&shared_workspace_lock);
-    free(shared_workspace);
-    shared_workspace = NULL;
-    shared_workspace_bytes = 0;
-    pthread_mutex_unlock(&shared_workspace_lock);
-}
-
 /* y [M][N] = x [M][K] W^T (x in the original column order). 2: AMX unavailable or beta1 not a multiple of 16. */
 int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads) {
     if (!spqr_amx_enable() || L->beta1 % 16) return 2;
@@ -774,13 +781,16 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
     int64_t task_tiles = ceil_div(n_tiles, 2 * (int64_t)n_threads);
     task_tiles = task_tiles < 2 ? 2 : task_tiles > AMX_NT ? AMX_NT : task_tiles;
     /* One workspace: X's tiles (2 x 4 Mp Kp bytes), its group sums, xt (4 Mp Kp bytes, with outliers), then each
-     * thread's share: scratch, B tiles, statistics, accumulators, C buffers. Every part a multiple of 64 bytes. */
-    const size_t tiles_bytes = sizeof(uint16_t) * (size_t)(2 * Mp * Kp), xsum_bytes = sizeof(float) * (size_t)(n_groups * Mp);
-    const size_t xt_bytes = has_outliers ? sizeof(float) * (size_t)(Kp * Mp) : 0;
+     * thread's share: scratch, B tiles, statistics, accumulators, C buffers (each a `region`). */
+    const size_t tiles_bytes = region(sizeof(uint16_t) * (size_t)(2 * Mp * Kp));
+    const size_t xsum_bytes = region(sizeof(float) * (size_t)(n_groups * Mp));
+    const size_t xt_bytes = has_outliers ? region(sizeof(float) * (size_t)(Kp * Mp)) : 0;
     const int64_t scratch = 16 * amx_prep_columns(L) > 256 * AMX_NT ? 16 * amx_prep_columns(L) : 256 * AMX_NT;
-    const size_t part[6] = {sizeof(float) * (size_t)scratch, 1024 * (size_t)(AMX_NT * kc_blocks),
-                            sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups), sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups),
-                            sizeof(float) * 256 * (size_t)(AMX_NT * mblocks), sizeof(float) * 256 * (AMX_NT > 4 ? AMX_NT : 4)};
+    const size_t part[6] = {region(sizeof(float) * (size_t)scratch), region(1024 * (size_t)(AMX_NT * kc_blocks)),
+                            region(sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups)),
+                            region(sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups)),
+                            region(sizeof(float) * 256 * (size_t)(AMX_NT * mblocks)),
+                            region(sizeof(float) * 256 * (AMX_NT > 4 ? AMX_NT : 4))};
     const size_t shared_bytes = 2 * tiles_bytes + xsum_bytes + xt_bytes;
     const size_t thread_bytes = part[0] + part[1] + part[2] + part[3] + part[4] + part[5];
     workspace ws = workspace_acquire(shared_bytes + (size_t)n_threads * thread_bytes);
@@ -804,7 +814,7 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < ceil_div(n_tiles, task_tiles); task++) {
                 const int64_t t0 = task * task_tiles, nt = n_tiles - t0 < task_tiles ? n_tiles - t0 : task_tiles;
-                memset(acc, 0, sizeof(float) * 256 * (size_t)(AMX_NT * mblocks));
+                for (int64_t mb = 0; mb < mblocks; mb++) memset(acc + mb * AMX_NT * 256, 0, sizeof(float) * 256 * (size_t)nt);
                 for (int64_t c0 = 0; c0 < Kp; c0 += kc) { /* one pass: columns c0 .. c0 + kc - 1 */
                     const int64_t nb = (Kp - c0 < kc ? Kp - c0 : kc) / 16, ng = ceil_div(nb * 16, beta1);
                     for (int64_t t = 0; t < nt; t++) {
@@ -918,7 +928,6 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
 }
 #else
 int spqr_amx_enable(void) { return 0; }
-void spqr_release_workspace(void) {}
 int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads) {
     (void)L, (void)M, (void)x, (void)y, (void)n_threads;
     return 2;
