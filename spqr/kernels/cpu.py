@@ -113,6 +113,11 @@ class CpuKernels:
             raise MemoryError("spqr_gemm could not allocate its workspace")
         return y
 
+    def release_workspace(self) -> None:
+        """Free the scratch buffer the kernels keep between calls. It grows to the largest call: a few
+        tables for token generation, about 16·rows·in_features bytes after an AMX prefill."""
+        self.lib.spqr_release_workspace()
+
     def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
         """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec)."""
         key = (spec, *(v.data_ptr() if v.is_contiguous() else -1 for v in t.values()))

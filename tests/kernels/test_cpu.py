@@ -194,6 +194,15 @@ def test_amx_path_or_its_refusal():
         assert torch.equal(y, kern.matmul(layer.spec, layer.tensors, x, path="amx"))
 
 
+def test_released_workspace_is_made_again(kern):
+    layer = random_packed_layer(64, 200, 3, 16, 16, 3, 0.02, seed=13)
+    x = torch.randn(20, 200)
+    for path in ("gemv", "gemm") + (("amx",) if kern.has_amx else ()):
+        before = kern.matmul(layer.spec, layer.tensors, x, path=path)
+        kern.release_workspace()
+        assert torch.equal(kern.matmul(layer.spec, layer.tensors, x, path=path), before), path
+
+
 def test_amx_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("SPQR_AMX", "0")
     kern = cpu.load("native")
