@@ -771,6 +771,25 @@ static void amx_tile_stats(const spqr_layer *L, int64_t r0, int64_t g, float *sc
     for (int i = 0; i < TILE; i++) scale_zero[i] = scale[i] * z[i];
 }
 
+/* One call's shapes and shared buffers (filled by spqr_gemm_amx). */
+typedef struct {
+    const spqr_layer *L;
+    int64_t M, Mp, Kp, mblocks;
+    int64_t blocks_per_group;         /* 16-column blocks per group */
+    int64_t kc, kc_blocks, kc_groups; /* columns, blocks and groups per pass */
+    const uint16_t *a_hm, *a_lo;      /* X's A tiles, see amx_prepare_rows */
+    const float *xsum, *xt;
+} amx_call;
+
+/* One thread's buffers. */
+typedef struct {
+    float *scratch;            /* amx_prepare_rows' rows; amx_add_outliers' sums */
+    uint32_t *btiles;          /* [t][block of the pass] B tiles, 256 words each */
+    float *scale, *scale_zero; /* [t][group of the pass][16] */
+    float *acc;                /* [mb][AMX_NT][16 rows of X][16 rows of W] */
+    float *cbuf;               /* C tiles on their way to acc, see amx_cbuf */
+} amx_buffers;
+
 /* Where the C tiles of W tiles t, t + 1 are stored: a group of several 16-column blocks sums over them in
  * cbuf [AMX_NT][256]; otherwise two pairs of buffers take turns. */
 static inline float *amx_cbuf(float *cbuf, int64_t t, int64_t blocks_per_group) {
@@ -787,159 +806,181 @@ static inline void amx_accumulate(float *acc, const float *c, const float *scale
     }
 }
 
+/* The B tiles and statistics of W tiles t0 .. t0 + nt - 1 over the pass starting at column c0 (nb blocks). */
+static void amx_pass_weights(const amx_call *c, amx_buffers *w, int64_t t0, int64_t nt, int64_t c0, int64_t nb) {
+    const spqr_layer *L = c->L;
+    for (int64_t t = 0; t < nt; t++) {
+        for (int64_t j = 0; j < nb; j++)
+            amx_b_tile_any(L, (t0 + t) * TILE, c0 / 16 + j, w->btiles + (t * c->kc_blocks + j) * 256);
+        for (int64_t gl = 0; gl < ceil_div(nb * 16, L->beta1); gl++)
+            amx_tile_stats(L, (t0 + t) * TILE, c0 / L->beta1 + gl, w->scale + (t * c->kc_groups + gl) * 16,
+                           w->scale_zero + (t * c->kc_groups + gl) * 16);
+    }
+}
+
+/* acc += the pass's products for every 16 rows of X and the nt W tiles of the task (tile registers: see
+ * amx_configure). W tiles go in pairs; their C tiles are stored to cbuf and scaled into acc one step later,
+ * so that the AVX-512 work overlaps the next tile products. */
+static void amx_pass_products(const amx_call *c, const amx_buffers *w, int64_t nt, int64_t c0, int64_t nb) {
+    /* locals, not fields: the stores to acc would otherwise make the compiler reload every field */
+    const int64_t bpg = c->blocks_per_group, beta1 = c->L->beta1, kc_blocks = c->kc_blocks, kc_groups = c->kc_groups;
+    const int64_t Mp = c->Mp, Kp = c->Kp, mblocks = c->mblocks;
+    const uint16_t *const a_hm = c->a_hm, *const a_lo = c->a_lo;
+    const float *const xsum = c->xsum, *const scale = w->scale, *const scale_zero = w->scale_zero;
+    const uint32_t *const btiles = w->btiles;
+    float *const acc = w->acc, *const cbuf = w->cbuf;
+    for (int64_t mb = 0; mb < mblocks; mb++) {
+        const int64_t tile0 = mb * (Kp / 16) + c0 / 16; /* this pass's first A tile */
+        for (int64_t gl = 0; gl < ceil_div(nb * 16, beta1); gl++) {
+            const float *xg = xsum + (c0 / beta1 + gl) * Mp + mb * 16;
+            const int64_t jn = nb - gl * bpg < bpg ? nb - gl * bpg : bpg; /* blocks in this group */
+            for (int64_t jb = 0; jb < jn; jb++) {
+                const int64_t j = gl * bpg + jb;
+                _tile_loadd(2, a_hm + (tile0 + j) * 512, 64);
+                _tile_loadd(3, a_lo + (tile0 + j) * 512, 64);
+                int64_t pending = -1; /* the pair whose C tiles wait to be scaled */
+                for (int64_t t = 0; t <= nt + (nt & 1); t += 2) { /* one step past the last pair */
+                    if (t < nt) {
+                        const int64_t u = t + 1 < nt ? t + 1 : t; /* past nt: a copy of t */
+                        float *ct = amx_cbuf(cbuf, t, bpg), *cu = ct + 256;
+                        if (jb == 0) {
+                            _tile_zero(0);
+                            _tile_zero(1);
+                        } else {
+                            _tile_loadd(0, ct, 64);
+                            _tile_loadd(1, cu, 64);
+                        }
+                        _tile_loadd(4, btiles + (t * kc_blocks + j) * 256, 64);
+                        _tile_loadd(5, btiles + (u * kc_blocks + j) * 256, 64);
+                        _tile_dpbf16ps(0, 2, 4);
+                        _tile_dpbf16ps(1, 2, 5);
+                        _tile_dpbf16ps(0, 3, 4);
+                        _tile_dpbf16ps(1, 3, 5);
+                        _tile_stored(0, ct, 64);
+                        _tile_stored(1, cu, 64);
+                    }
+                    if (jb < jn - 1) continue; /* the group goes on */
+                    if (pending >= 0) {
+                        const float *cp = amx_cbuf(cbuf, pending, bpg);
+                        for (int64_t v = pending; v < pending + 2 && v < nt; v++, cp += 256)
+                            amx_accumulate(acc + (mb * AMX_NT + v) * 256, cp, scale + (v * kc_groups + gl) * 16,
+                                           scale_zero + (v * kc_groups + gl) * 16, xg);
+                    }
+                    pending = t;
+                }
+            }
+        }
+    }
+}
+
+/* acc[m][i] += sum_p val_p x_perm[m][col_p] over the outliers of the task's W rows, 16 rows of X at a time (their
+ * 16 Kp floats of xt stay in L2 while every outlier reads one cache line of them). 1: out of memory. */
+static int amx_add_outliers(const amx_call *c, amx_buffers *w, int64_t t0, int64_t nt) {
+    const spqr_layer *L = c->L;
+    const int64_t N = L->out_features, r_end = (t0 + nt) * TILE < N ? (t0 + nt) * TILE : N;
+    const int32_t p_first = L->row_ptr[t0 * TILE], count = L->row_ptr[r_end] - p_first;
+    if (count == 0) return 0;
+    float *values = (float *)malloc(sizeof(float) * (size_t)count);
+    int32_t *offsets = (int32_t *)malloc(sizeof(int32_t) * (size_t)count); /* col * 16: the column's line in xt */
+    if (!values || !offsets) {
+        free(values);
+        free(offsets);
+        return 1;
+    }
+    for (int32_t p = 0; p < count; p++) { /* decoded once, read once per 16 rows of X */
+        values[p] = half_to_float(L->outlier_val[p_first + p]);
+        offsets[p] = (int32_t)(outlier_col(L, p_first + p) * 16);
+    }
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    float *sums = w->scratch; /* [nt * 16 rows of W][16 rows of X] */
+    for (int64_t mb = 0; mb < c->mblocks; mb++) {
+        const float *xm = c->xt + mb * c->Kp * 16;
+        for (int64_t r = t0 * TILE; r < (t0 + nt) * TILE; r++) {
+            __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps(); /* two chains of FMAs */
+            int32_t p = r < N ? L->row_ptr[r] - p_first : 0;
+            const int32_t p1 = r < N ? L->row_ptr[r + 1] - p_first : 0;
+            for (; p + 1 < p1; p += 2) {
+                o0 = _mm512_fmadd_ps(_mm512_set1_ps(values[p]), _mm512_load_ps(xm + offsets[p]), o0);
+                o1 = _mm512_fmadd_ps(_mm512_set1_ps(values[p + 1]), _mm512_load_ps(xm + offsets[p + 1]), o1);
+            }
+            if (p < p1) o0 = _mm512_fmadd_ps(_mm512_set1_ps(values[p]), _mm512_load_ps(xm + offsets[p]), o0);
+            _mm512_storeu_ps(sums + (r - t0 * TILE) * 16, _mm512_add_ps(o0, o1));
+        }
+        for (int64_t t = 0; t < nt; t++) { /* transposed into acc: row m of X gathers its 16 sums */
+            float *at = w->acc + (mb * AMX_NT + t) * 256;
+            for (int m = 0; m < 16; m++)
+                _mm512_store_ps(at + 16 * m, _mm512_add_ps(_mm512_load_ps(at + 16 * m),
+                                                           _mm512_i32gather_ps(column, sums + t * 256 + m, 4)));
+        }
+    }
+    free(values);
+    free(offsets);
+    return 0;
+}
+
 /* y [M][N] = x [M][K] W^T (x in the original column order). 2: AMX unavailable or beta1 not a multiple of 16. */
 int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads) {
     if (!spqr_amx_enable() || L->beta1 % 16) return 2;
     const int64_t N = L->out_features, K = L->in_features, beta1 = L->beta1, n_groups = ceil_div(K, beta1);
-    const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 16) * 16, n_tiles = ceil_div(N, TILE), mblocks = Mp / 16;
-    const int64_t blocks_per_group = beta1 / 16, kc = ceil_div(AMX_KC, beta1) * beta1; /* pass width, in columns */
-    const int64_t kc_blocks = kc / 16, kc_groups = kc / beta1;
+    const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 16) * 16, n_tiles = ceil_div(N, TILE);
+    const int64_t kc = ceil_div(AMX_KC, beta1) * beta1;
+    amx_call c = {L, M, Mp, Kp, Mp / 16, beta1 / 16, kc, kc / 16, kc / beta1, NULL, NULL, NULL, NULL};
     const int has_outliers = L->row_ptr[N] > 0;
     /* tasks of up to AMX_NT tiles, at least two per thread when the layer is small (all threads busy) */
     int64_t task_tiles = ceil_div(n_tiles, 2 * (int64_t)n_threads);
     task_tiles = task_tiles < 2 ? 2 : task_tiles > AMX_NT ? AMX_NT : task_tiles;
     /* One workspace: X's tiles (2 x 4 Mp Kp bytes), its group sums, xt (4 Mp Kp bytes, with outliers), then each
-     * thread's share: scratch, B tiles, statistics, accumulators, C buffers (each a `region`). */
+     * thread's buffers (each a `region`). */
     const size_t tiles_bytes = region(sizeof(uint16_t) * (size_t)(2 * Mp * Kp));
     const size_t xsum_bytes = region(sizeof(float) * (size_t)(n_groups * Mp));
     const size_t xt_bytes = has_outliers ? region(sizeof(float) * (size_t)(Kp * Mp)) : 0;
     const int64_t scratch = 16 * amx_prep_columns(L) > 256 * AMX_NT ? 16 * amx_prep_columns(L) : 256 * AMX_NT;
-    const size_t part[6] = {region(sizeof(float) * (size_t)scratch), region(1024 * (size_t)(AMX_NT * kc_blocks)),
-                            region(sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups)),
-                            region(sizeof(float) * 16 * (size_t)(AMX_NT * kc_groups)),
-                            region(sizeof(float) * 256 * (size_t)(AMX_NT * mblocks)),
-                            region(sizeof(float) * 256 * (AMX_NT > 4 ? AMX_NT : 4))};
+    const size_t part[6] = {region(sizeof(float) * (size_t)scratch), region(1024 * (size_t)(AMX_NT * c.kc_blocks)),
+                            region(sizeof(float) * 16 * (size_t)(AMX_NT * c.kc_groups)),
+                            region(sizeof(float) * 16 * (size_t)(AMX_NT * c.kc_groups)),
+                            region(sizeof(float) * 256 * (size_t)(AMX_NT * c.mblocks)),
+                            region(sizeof(float) * 256 * AMX_NT)};
     const size_t shared_bytes = 2 * tiles_bytes + xsum_bytes + xt_bytes;
     const size_t thread_bytes = part[0] + part[1] + part[2] + part[3] + part[4] + part[5];
     workspace ws = workspace_acquire(shared_bytes + (size_t)n_threads * thread_bytes);
     if (!ws.ptr) return 1;
     uint16_t *a_hm = (uint16_t *)ws.ptr, *a_lo = (uint16_t *)(ws.ptr + tiles_bytes);
-    float *xsum = (float *)(ws.ptr + 2 * tiles_bytes), *xt = has_outliers ? (float *)(ws.ptr + 2 * tiles_bytes + xsum_bytes) : NULL;
+    float *xsum = (float *)(ws.ptr + 2 * tiles_bytes), *xt = has_outliers ? xsum + xsum_bytes / sizeof(float) : NULL;
+    c.a_hm = a_hm, c.a_lo = a_lo, c.xsum = xsum, c.xt = xt;
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
         char *mine = ws.ptr + shared_bytes + (size_t)thread_index() * thread_bytes;
-        float *row = (float *)mine;                                                  /* scratch */
-        uint32_t *btiles = (uint32_t *)(mine + part[0]);                             /* [t][j] B tiles */
-        float *scale = (float *)(mine + part[0] + part[1]);                          /* [t][group][16] */
-        float *scale_zero = (float *)(mine + part[0] + part[1] + part[2]);           /* [t][group][16] */
-        float *acc = (float *)(mine + part[0] + part[1] + part[2] + part[3]);        /* [mb][t][16][16] */
-        float *cbuf = (float *)(mine + part[0] + part[1] + part[2] + part[3] + part[4]);
-        {
-            amx_configure();
+        amx_buffers w = {(float *)mine, (uint32_t *)(mine + part[0]), (float *)(mine + part[0] + part[1]),
+                         (float *)(mine + part[0] + part[1] + part[2]),
+                         (float *)(mine + part[0] + part[1] + part[2] + part[3]),
+                         (float *)(mine + part[0] + part[1] + part[2] + part[3] + part[4])};
+        amx_configure();
 #pragma omp for schedule(static)
-            for (int64_t mb = 0; mb < mblocks; mb++) amx_prepare_rows(L, x, M, mb * 16, Mp, Kp, a_hm, a_lo, xsum, xt, row);
+        for (int64_t mb = 0; mb < c.mblocks; mb++) amx_prepare_rows(L, x, M, mb * 16, Mp, Kp, a_hm, a_lo, xsum, xt, w.scratch);
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < ceil_div(n_tiles, task_tiles); task++) {
-                const int64_t t0 = task * task_tiles, nt = n_tiles - t0 < task_tiles ? n_tiles - t0 : task_tiles;
-                for (int64_t mb = 0; mb < mblocks; mb++) memset(acc + mb * AMX_NT * 256, 0, sizeof(float) * 256 * (size_t)nt);
-                for (int64_t c0 = 0; c0 < Kp; c0 += kc) { /* one pass: columns c0 .. c0 + kc - 1 */
-                    const int64_t nb = (Kp - c0 < kc ? Kp - c0 : kc) / 16, ng = ceil_div(nb * 16, beta1);
-                    for (int64_t t = 0; t < nt; t++) {
-                        for (int64_t j = 0; j < nb; j++)
-                            amx_b_tile_any(L, (t0 + t) * TILE, c0 / 16 + j, btiles + (t * kc_blocks + j) * 256);
-                        for (int64_t gl = 0; gl < ng; gl++)
-                            amx_tile_stats(L, (t0 + t) * TILE, c0 / beta1 + gl, scale + (t * kc_groups + gl) * 16,
-                                           scale_zero + (t * kc_groups + gl) * 16);
-                    }
-                    for (int64_t mb = 0; mb < mblocks; mb++) {
-                        const int64_t tile0 = mb * (Kp / 16) + c0 / 16; /* this pass's first A tile */
-                        for (int64_t gl = 0; gl < ng; gl++) {
-                            const float *xg = xsum + (c0 / beta1 + gl) * Mp + mb * 16;
-                            const int64_t jn = nb - gl * blocks_per_group < blocks_per_group ? nb - gl * blocks_per_group
-                                                                                               : blocks_per_group;
-                            for (int64_t jb = 0; jb < jn; jb++) {
-                                const int64_t j = gl * blocks_per_group + jb;
-                                _tile_loadd(2, a_hm + (tile0 + j) * 512, 64);
-                                _tile_loadd(3, a_lo + (tile0 + j) * 512, 64);
-                                /* W tiles t and t + 1 (past nt: a copy of t) per step; their C tiles go to cbuf and are
-                                 * scaled into acc one step later, so that the AVX-512 work overlaps the next tile products */
-                                int64_t pending = -1;
-                                for (int64_t t = 0; t <= nt + (nt & 1); t += 2) { /* one step past the last pair */
-                                    if (t < nt) {
-                                        const int64_t u = t + 1 < nt ? t + 1 : t;
-                                        float *ct = amx_cbuf(cbuf, t, blocks_per_group), *cu = ct + 256;
-                                        const uint32_t *bt = btiles + (t * kc_blocks + j) * 256, *bu = btiles + (u * kc_blocks + j) * 256;
-                                        if (jb == 0) {
-                                            _tile_zero(0);
-                                            _tile_zero(1);
-                                        } else {
-                                            _tile_loadd(0, ct, 64);
-                                            _tile_loadd(1, cu, 64);
-                                        }
-                                        _tile_loadd(4, bt, 64);
-                                        _tile_loadd(5, bu, 64);
-                                        _tile_dpbf16ps(0, 2, 4);
-                                        _tile_dpbf16ps(1, 2, 5);
-                                        _tile_dpbf16ps(0, 3, 4);
-                                        _tile_dpbf16ps(1, 3, 5);
-                                        _tile_stored(0, ct, 64);
-                                        _tile_stored(1, cu, 64);
-                                    }
-                                    if (jb < jn - 1) continue;
-                                    if (pending >= 0) {
-                                        const float *c = amx_cbuf(cbuf, pending, blocks_per_group);
-                                        for (int64_t v = pending; v < pending + 2 && v < nt; v++, c += 256)
-                                            amx_accumulate(acc + (mb * AMX_NT + v) * 256, c, scale + (v * kc_groups + gl) * 16,
-                                                           scale_zero + (v * kc_groups + gl) * 16, xg);
-                                    }
-                                    pending = t;
-                                }
-                            }
-                        }
-                    }
-                }
-                /* outliers: acc[m][i] += sum_p val_p x_perm[m][col_p], 16 rows of X at a time (their 16 Kp floats of xt
-                 * stay in L2 while every outlier of the task reads one cache line of them) */
-                const int32_t p_first = L->row_ptr[t0 * TILE], p_end = L->row_ptr[t0 * TILE + nt * TILE < N ? t0 * TILE + nt * TILE : N];
-                float *values = has_outliers ? (float *)malloc(sizeof(float) * (size_t)(p_end - p_first) + 1) : NULL;
-                int32_t *offsets = has_outliers ? (int32_t *)malloc(sizeof(int32_t) * (size_t)(p_end - p_first) + 1) : NULL;
-                if (has_outliers && (!values || !offsets)) {
-#pragma omp atomic write
-                    failed = 1;
-                } else if (has_outliers) {
-                    for (int32_t p = p_first; p < p_end; p++) { /* decoded once, read once per 16 rows of X */
-                        values[p - p_first] = half_to_float(L->outlier_val[p]);
-                        offsets[p - p_first] = (int32_t)(outlier_col(L, p) * 16);
-                    }
-                }
-                const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                          _mm512_set1_epi32(16));
-                for (int64_t mb = 0; values && offsets && mb < mblocks; mb++) {
-                    const float *xm = xt + mb * Kp * 16;
-                    float *sums = row; /* scratch [nt * 16][16] */
-                    for (int64_t w = 0; w < nt * TILE; w++) { /* W row t0 * 16 + w */
-                        const int64_t r = t0 * TILE + w;
-                        __m512 o0 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps(); /* two chains of FMAs */
-                        int32_t p = r < N ? L->row_ptr[r] - p_first : 0;
-                        const int32_t p1 = r < N ? L->row_ptr[r + 1] - p_first : 0;
-                        for (; p + 1 < p1; p += 2) {
-                            o0 = _mm512_fmadd_ps(_mm512_set1_ps(values[p]), _mm512_load_ps(xm + offsets[p]), o0);
-                            o1 = _mm512_fmadd_ps(_mm512_set1_ps(values[p + 1]), _mm512_load_ps(xm + offsets[p + 1]), o1);
-                        }
-                        if (p < p1) o0 = _mm512_fmadd_ps(_mm512_set1_ps(values[p]), _mm512_load_ps(xm + offsets[p]), o0);
-                        _mm512_storeu_ps(sums + w * 16, _mm512_add_ps(o0, o1));
-                    }
-                    for (int64_t t = 0; t < nt; t++) {
-                        float *at = acc + (mb * AMX_NT + t) * 256;
-                        for (int m = 0; m < 16; m++)
-                            _mm512_store_ps(at + 16 * m, _mm512_add_ps(_mm512_load_ps(at + 16 * m),
-                                                                       _mm512_i32gather_ps(column, sums + t * 256 + m, 4)));
-                    }
-                }
-                free(values);
-                free(offsets);
-                for (int64_t mb = 0; mb < mblocks; mb++) /* the rows of y */
-                    for (int64_t t = 0; t < nt; t++) {
-                        const int64_t r0 = (t0 + t) * TILE, n = N - r0 < TILE ? N - r0 : TILE;
-                        const float *at = acc + (mb * AMX_NT + t) * 256; /* [16 rows of X][16 rows of W] */
-                        const __mmask16 cols = (__mmask16)((1u << n) - 1u);
-                        for (int64_t m = mb * 16; m < mb * 16 + 16 && m < M; m++)
-                            _mm512_mask_storeu_ps(y + m * N + r0, cols, _mm512_load_ps(at + 16 * (m - mb * 16)));
-                    }
+        for (int64_t task = 0; task < ceil_div(n_tiles, task_tiles); task++) {
+            const int64_t t0 = task * task_tiles, nt = n_tiles - t0 < task_tiles ? n_tiles - t0 : task_tiles;
+            for (int64_t mb = 0; mb < c.mblocks; mb++) memset(w.acc + mb * AMX_NT * 256, 0, sizeof(float) * 256 * (size_t)nt);
+            for (int64_t c0 = 0; c0 < Kp; c0 += kc) { /* one pass: columns c0 .. c0 + kc - 1 */
+                const int64_t nb = (Kp - c0 < kc ? Kp - c0 : kc) / 16;
+                amx_pass_weights(&c, &w, t0, nt, c0, nb);
+                amx_pass_products(&c, &w, nt, c0, nb);
             }
-            _tile_release();
+            if (has_outliers && amx_add_outliers(&c, &w, t0, nt)) {
+#pragma omp atomic write
+                failed = 1;
+            }
+            for (int64_t mb = 0; mb < c.mblocks; mb++) /* the rows of y */
+                for (int64_t t = 0; t < nt; t++) {
+                    const int64_t r0 = (t0 + t) * TILE, n = N - r0 < TILE ? N - r0 : TILE;
+                    const float *at = w.acc + (mb * AMX_NT + t) * 256;
+                    for (int64_t m = mb * 16; m < mb * 16 + 16 && m < M; m++)
+                        _mm512_mask_storeu_ps(y + m * N + r0, (__mmask16)((1u << n) - 1u), _mm512_load_ps(at + 16 * (m - mb * 16)));
+                }
         }
+        _tile_release();
     }
     workspace_release(ws);
     return failed;
