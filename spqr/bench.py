@@ -87,12 +87,13 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
     for path in cpu_paths if cpu_kernels else ():
         candidates[f"spqr_{path}"] = lambda i, p=path: cpu_kernels.matmul(layer.spec, layers[i % len(layers)], x,
                                                                           path=p)
-    for dtype in baselines:
+    baseline_names = [str(dtype).removeprefix("torch.") for dtype in baselines]
+    for dtype, name in zip(baselines, baseline_names):
         nbytes = out_features * in_features * torch.finfo(dtype).bits // 8
         weights = _copies(lambda dt=dtype: torch.randn(out_features, in_features, device=device).to(dt), nbytes,
                           cold, pool)
         xd = x.to(dtype)
-        candidates[str(dtype).removeprefix("torch.")] = lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)])
+        candidates[name] = lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)])
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
@@ -103,10 +104,9 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
               "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "rounds": rounds,
               "spqr_ms": 1e3 * seconds["spqr"], "spqr_packed_gbs": packed_bytes(layer) / seconds["spqr"] / 1e9}
     for name, value in seconds.items():
-        if name.startswith("spqr_"):
+        if name != "spqr":
             result[f"{name}_ms"] = 1e3 * value
-        elif name != "spqr":
-            result[f"{name}_ms"] = 1e3 * value
+        if name in baseline_names:
             result[f"speedup_vs_{name}"] = value / seconds["spqr"]
     return result
 
