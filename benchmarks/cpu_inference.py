@@ -198,8 +198,9 @@ def main() -> None:
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
     parser.add_argument("--head-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-head"),
                         help="the same quantized with --quantize-head (measured too if it exists)")
-    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings"),
-                        help="the same quantized with --quantize-embeddings (memory measured too if it exists)")
+    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings4"),
+                        help="the same quantized with --head-wbits 4 --quantize-embeddings (memory measured too if "
+                             "it exists)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
