@@ -13,7 +13,7 @@
  *              that stays in cache and multiplied with a 12 x 32 register-blocked FMA micro-kernel.
  *   spqr_gemm_amx  the same on the AMX tile unit (Sapphire Rapids and later): codes as bf16 times x
  *              split into three bf16 parts, exact products summed in fp32 (see its section).
- * Both handle every wbits/qq_bits in 1..8, any beta1 that is a multiple of 16 (the caller checks),
+ * All three handle every wbits/qq_bits in 1..8, any beta1 that is a multiple of 16 (the caller checks),
  * any beta2, ragged shapes, fp16 first-level statistics (qq_bits == 0) and int16/int32 outlier columns.
  * Without AVX-512 (or with -DSPQR_PORTABLE) plain C loops compute the same thing.
  */
