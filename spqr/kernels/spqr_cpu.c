@@ -622,13 +622,27 @@ int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_th
         for (int64_t task = 0; task < (Mp / 32) * k_chunks; task++) {
             const int64_t p = task / k_chunks, k0 = (task % k_chunks) * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
             float *panel = xp + p * K * 32;
-            for (int64_t j = 0; j < 32; j++) {
-                const int64_t m = p * 32 + j;
-                if (m < M)
-                    for (int64_t k = k0; k < k1; k++) panel[k * 32 + j] = x[m * K + perm_index(L, k)];
-                else
-                    for (int64_t k = k0; k < k1; k++) panel[k * 32 + j] = 0.0f;
+            const float *rows = x + p * 32 * K; /* this panel's first row of x */
+            int32_t column[64];               /* the input column of each of the chunk's columns */
+            for (int64_t k = k0; k < k1; k++) column[k - k0] = (int32_t)perm_index(L, k);
+#if SPQR_AVX512
+            /* per column, the 32 rows' values as two gathers (rows >= M masked to zero) */
+            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            const __m512i row_lo = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)K));
+            const __m512i row_hi = _mm512_add_epi32(row_lo, _mm512_set1_epi32((int)(16 * K)));
+            const int64_t valid = M - p * 32;
+            const __mmask16 lo = valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1u);
+            const __mmask16 hi = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1u);
+            for (int64_t k = k0; k < k1; k++) {
+                const __m512i c = _mm512_set1_epi32(column[k - k0]);
+                _mm512_storeu_ps(panel + k * 32, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lo, _mm512_add_epi32(row_lo, c), rows, 4));
+                _mm512_storeu_ps(panel + k * 32 + 16,
+                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), hi, _mm512_add_epi32(row_hi, c), rows, 4));
             }
+#else
+            for (int64_t j = 0; j < 32; j++)
+                for (int64_t k = k0; k < k1; k++) panel[k * 32 + j] = p * 32 + j < M ? rows[j * K + column[k - k0]] : 0.0f;
+#endif
         }
         float *buf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * KB));
         float *acc = (float *)aligned_alloc(64, sizeof(float) * (size_t)(nb * Mp));
