@@ -456,7 +456,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         block_reports = report.layers[first_report:]
         if store is not None:
             saved = store.save_block(index, {prefix + name: p for name, p in packed_layers.items()}, block_reports,
-                                     [hidden for hidden, _ in inputs] if needed else None)
+                                     [hidden for hidden, _ in inputs] if needed else None, as_tuple if needed else None)
             packed_layers = {name.removeprefix(prefix): p for name, p in saved.items()}  # memory-mapped
         for name, packed in packed_layers.items():
             set_submodule(block, name, SpQRLinear.from_packed(packed))
@@ -469,9 +469,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 
     if head is not None:
         if first_block < n_steps:
-            if first_block == len(blocks) and inputs:  # resumed right before the head: learn the blocks' return type
-                with torch.inference_mode():
-                    as_tuple = isinstance(blocks[-1](hidden_tensor(inputs[0][0]), **inputs[0][1]), tuple)
+            if first_block and first_block == len(blocks) and inputs:  # resumed right before the head
+                recorded = store.blocks_return_tuples()
+                if recorded is None:
+                    raise QuantizationError(f"the progress directory {progress_dir} does not record what the blocks "
+                                            "return; delete it to start over")
+                as_tuple = recorded
             _quantize_head(model, blocks, head_name, head, batches, [hidden for hidden, _ in inputs], as_tuple,
                            head_config, report, store, len(blocks))
         # the quantized head is its own module now (also when it was read back from the progress directory)

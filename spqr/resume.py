@@ -8,7 +8,8 @@ A progress directory holds, after each finished decoder block:
   (the next), one file per batch. With activation offloading they are written there as the
   block's forward pass produces them and read back one batch at a time, so the calibration
   activations never need to fit in memory;
-- `state.json`: the next block to quantize and a fingerprint of the run's inputs.
+- `state.json`: the next block to quantize, a fingerprint of the run's inputs and whether the
+  model's blocks return tuples (older transformers) or tensors, once a block has been run.
 Every file is flushed to disk before state.json, written last (to a temporary name, then
 renamed), points at it, so whatever instant the process dies at, the directory describes a
 consistent state. A resumed run recomputes nothing that is on disk and produces the same bytes
@@ -32,7 +33,7 @@ from spqr.format.io import deferred_interrupt, save_safetensors
 from spqr.format.layout import LayerSpec, PackedLinear
 
 STATE_NAME = "state.json"
-LAYOUT = 2  # of the progress directory; state.json of another layout is ignored (the run starts over)
+LAYOUT = 3  # of the progress directory; state.json of another layout is ignored (the run starts over)
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,23 @@ class ProgressStore:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
 
+    def _state(self) -> dict:
+        """state.json if it belongs to this run and layout, else {}."""
+        try:
+            state = json.loads((self.directory / STATE_NAME).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        if state.get("fingerprint") != self.fingerprint or state.get("layout") != LAYOUT:
+            return {}
+        return state
+
     def next_block(self) -> int:
         """Index of the first block not yet finished (0 if nothing usable is on disk)."""
-        path = self.directory / STATE_NAME
-        if not path.is_file():
-            return 0
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return 0
-        if state.get("fingerprint") != self.fingerprint or state.get("layout") != LAYOUT:
-            return 0
-        return int(state["next_block"])
+        return int(self._state().get("next_block", 0))
+
+    def blocks_return_tuples(self) -> bool | None:
+        """Whether the blocks returned tuples when the last finished block ran (None: not recorded)."""
+        return self._state().get("blocks_return_tuples")
 
     def _activations_dir(self, block: int) -> Path:
         return self.directory / f"activations_{block:04d}"
@@ -93,11 +99,13 @@ class ProgressStore:
         return OffloadedHidden(path)
 
     def save_block(self, index: int, packed: dict[str, PackedLinear], reports: list,
-                   activations: list[torch.Tensor | OffloadedHidden] | None) -> dict[str, PackedLinear]:
+                   activations: list[torch.Tensor | OffloadedHidden] | None,
+                   blocks_return_tuples: bool | None = None) -> dict[str, PackedLinear]:
         """Record block `index` as finished: its packed layers (by full name), reports and the next
         block's inputs (None when no further block needs them; batches already written with
-        `write_activation` are not written again). Returns the packed layers as read back from the
-        file, memory-mapped: using these instead of `packed`, finished blocks do not accumulate in memory."""
+        `write_activation` are not written again), and whether the block returned a tuple (None: it
+        was not run). Returns the packed layers as read back from the file, memory-mapped: using these
+        instead of `packed`, finished blocks do not accumulate in memory."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{key}": t for name, layer in packed.items() for key, t in layer.tensors.items()}
         metadata = {"reports": json.dumps([asdict(r) for r in reports]),
@@ -108,7 +116,8 @@ class ProgressStore:
                 if not isinstance(hidden, OffloadedHidden):
                     self.write_activation(index + 1, batch, hidden)
         tmp = self.directory / (STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint, "layout": LAYOUT}))
+        tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint, "layout": LAYOUT,
+                                   "blocks_return_tuples": blocks_return_tuples}))
         os.replace(tmp, self.directory / STATE_NAME)
         shutil.rmtree(self._activations_dir(index), ignore_errors=True)  # the previous block's inputs
         return self.load_block(index)[0]

@@ -118,8 +118,14 @@ def test_run_interrupted_in_the_head_step_resumes_to_the_same_checkpoint(tmp_pat
         run("interrupted", progress_dir)
     calls.clear()
     monkeypatch.setattr(spqr.pipeline, "quantize_weights", lambda *a: (calls.append(1), real(*a))[1])
+    assert isinstance(json.loads((progress_dir / "state.json").read_text())["blocks_return_tuples"], bool)
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    block_calls, block_forward = [], Qwen2DecoderLayer.forward
+    monkeypatch.setattr(Qwen2DecoderLayer, "forward",
+                        lambda *a, **k: (block_calls.append(1), block_forward(*a, **k))[1])
     resumed = run("resumed", progress_dir)
-    assert len(calls) == 1  # only the head
+    assert len(calls) == 1 and not block_calls  # only the head; the blocks' return type was recorded
     assert _sha(resumed) == _sha(reference)
     calls.clear()
     again = run("again", progress_dir)
