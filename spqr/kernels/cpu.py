@@ -1,7 +1,8 @@
-"""The C kernels of spqr_cpu.c: built on first use with the system C compiler, loaded with ctypes.
+"""The C kernels (spqr_cpu.c, spqr_amx.c, spqr_cpu.h): built on first use with the system C compiler,
+loaded with ctypes.
 
 The library is compiled for the machine it runs on (-march=native, OpenMP) into a cache directory
-(SPQR_CACHE_DIR, default ~/.cache/spqr) under a name that hashes the source, the flags and the CPU,
+(SPQR_CACHE_DIR, default ~/.cache/spqr) under a name that hashes the sources, the flags and the CPU,
 so a source change or another CPU triggers a rebuild. When no compiler is available or the build
 fails, `load()` returns None once with a logged reason, and callers use the reference path.
 """
@@ -25,7 +26,8 @@ from spqr.format.layout import LayerSpec
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("spqr_cpu.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c")]
+HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 AMX_MIN_WEIGHTS = 2**21  # measured: 576x1536 layers run faster through gemm, 4096x4096 ones 1.1-1.3x faster on AMX
 FLAGS = {
@@ -164,16 +166,18 @@ def build(variant: str = "native") -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     flags = FLAGS[variant]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_identity()]).encode()).hexdigest()
+    texts = [path.read_text() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, compiler, *flags, _cpu_identity()]).encode()).hexdigest()
     target = _cache_dir() / f"spqr_cpu_{variant}_{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_lib = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_lib)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(tmp_lib)], capture_output=True,
+                                text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling the CPU kernels failed:\n{result.stderr.strip()[-2000:]}")
         os.replace(tmp_lib, target)  # atomic: concurrent builds both produce a complete file
     return target
 

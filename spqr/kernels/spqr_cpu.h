@@ -1,0 +1,192 @@
+/* Shared by the CPU kernels (spqr_cpu.c: matrix-vector and AVX-512 matrix-matrix; spqr_amx.c: matrix-matrix on
+ * AMX tiles): the layer as cpu.py passes it, exact decoding helpers, the kept workspace. */
+#ifndef SPQR_CPU_H
+#define SPQR_CPU_H
+#define _GNU_SOURCE /* syscall() */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(SPQR_PORTABLE)
+#define SPQR_AVX512 1
+#include <immintrin.h>
+#else
+#define SPQR_AVX512 0
+#endif
+
+typedef struct {
+    int64_t in_features, out_features;
+    int64_t wbits, beta1, beta2, qq_bits; /* qq_bits == 0: first-level statistics stored as fp16 */
+    const int32_t *qweight;               /* [ceil(out/16)][ceil(in/32)][wbits][16] bit-planes, 16 rows interleaved */
+    const int32_t *scale_codes, *zero_codes;               /* [ceil(out/32)][n_groups][qq_bits] */
+    const uint16_t *scale_scale, *scale_zero, *zero_scale, *zero_zero; /* fp16 [ceil(out/beta2)][n_groups] */
+    const uint16_t *scale_fp16, *zero_fp16;                /* fp16 [n_groups][out] when qq_bits == 0 */
+    const int32_t *row_ptr;               /* [out + 1] */
+    const void *outlier_col;              /* int16 or int32 [nnz] */
+    int64_t outlier_col_int32;
+    const uint16_t *outlier_val;          /* fp16 [nnz] */
+    const void *perm;                     /* int16 or int32 [in], or NULL: x_perm[k] = x[perm[k]] */
+    int64_t perm_int32;
+} spqr_layer;
+
+#define TILE 16 /* output rows per tile: one AVX-512 vector of statistics */
+#define PREFETCH_CHUNKS 16 /* the matrix-vector kernel prefetches weights this many 32-column chunks ahead */
+
+static inline float half_to_float(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int64_t perm_index(const spqr_layer *L, int64_t k) {
+    if (!L->perm) return k;
+    return L->perm_int32 ? ((const int32_t *)L->perm)[k] : ((const int16_t *)L->perm)[k];
+}
+
+static inline int64_t outlier_col(const spqr_layer *L, int64_t p) {
+    return L->outlier_col_int32 ? ((const int32_t *)L->outlier_col)[p] : ((const int16_t *)L->outlier_col)[p];
+}
+
+/* Code `index` of bit-plane words [ceil(n/32)][bits], whose chunks lie `stride` words apart. */
+static inline int32_t plane_code_strided(const int32_t *words, int64_t bits, int64_t index, int64_t stride) {
+    const int32_t *w = words + (index / 32) * stride;
+    int shift = (int)(index & 31);
+    int32_t code = 0;
+    for (int64_t b = 0; b < bits; b++) code |= (int32_t)((((uint32_t)w[b]) >> shift) & 1u) << b;
+    return code;
+}
+
+/* Weight code of row r, column c. */
+static inline int32_t weight_code(const spqr_layer *L, int64_t r, int64_t c) {
+    const int32_t *w = L->qweight + (((r / TILE) * ceil_div(L->in_features, 32) + c / 32) * L->wbits) * TILE + r % TILE;
+    int32_t code = 0;
+    for (int64_t b = 0; b < L->wbits; b++) code |= (int32_t)((((uint32_t)w[b * TILE]) >> (c & 31)) & 1u) << b;
+    return code;
+}
+
+/* First-level scale and zero of output rows r0 .. r0+n-1 in group g, as the reference decodes them. */
+static inline void tile_stats(const spqr_layer *L, int64_t g, int64_t r0, int n, float *scale, float *zero) {
+    const int64_t out = L->out_features, qq = L->qq_bits;
+    if (qq == 0) {
+        for (int i = 0; i < n; i++) {
+            scale[i] = half_to_float(L->scale_fp16[g * out + r0 + i]);
+            zero[i] = half_to_float(L->zero_fp16[g * out + r0 + i]);
+        }
+        return;
+    }
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1);
+    const int32_t *sc = L->scale_codes + g * qq, *zc = L->zero_codes + g * qq;
+    for (int i = 0; i < n; i++) {
+        const int64_t r = r0 + i, s2 = (r / L->beta2) * n_groups + g;
+        scale[i] = ((float)plane_code_strided(sc, qq, r, n_groups * qq) - half_to_float(L->scale_zero[s2])) *
+                   half_to_float(L->scale_scale[s2]);
+        zero[i] = ((float)plane_code_strided(zc, qq, r, n_groups * qq) - half_to_float(L->zero_zero[s2])) *
+                  half_to_float(L->zero_scale[s2]);
+    }
+}
+
+/* The matrix-vector and AMX kernels' scratch (copies of x, tables, per-thread buffers) lives in one buffer kept
+ * between calls (it grows to the largest call): fresh pages cost as much as a tenth of an AMX prefill matmul,
+ * and the table of a wide layer is big enough to be mapped afresh on every call otherwise. A call that finds it
+ * in use gets a private buffer. (The AVX-512 matrix kernel measured no faster with it.) */
+typedef struct {
+    char *ptr;
+    int shared;
+} workspace;
+
+/* A region's footprint in the workspace: whole cache lines and 5 more, so that consecutive regions don't start
+ * at the same offset modulo 4 KiB (where loads and stores 4 KiB apart would slow each other down). */
+static inline size_t region(size_t bytes) { return (bytes + 63) / 64 * 64 + 5 * 64; }
+
+/* The workspace (at least `bytes`), or a private buffer when it is in use; ptr is NULL when out of memory. */
+__attribute__((visibility("hidden"))) workspace workspace_acquire(size_t bytes);
+__attribute__((visibility("hidden"))) void workspace_release(workspace ws);
+
+#if SPQR_AVX512
+/* A 16-bit lane mask straight from memory (kmovw k, m16: a load, no trip through a general register). */
+static inline __mmask16 load_mask16(const void *p) {
+    __mmask16 k;
+    __asm__("kmovw %1, %0" : "=k"(k) : "m"(*(const uint16_t *)p));
+    return k;
+}
+
+/* Where the statistics of one full 16-row tile (r0 a multiple of 16) live; group g is `g * stride` further. */
+typedef struct {
+    int mode; /* 0: fp16 values, 1: bilevel with one second-level group per tile, 2: bilevel, any beta2 */
+    const char *scale_codes, *zero_codes; /* this tile's 16-bit half of the first plane word */
+    int64_t code_stride, qq;              /* bytes between groups; planes are 4 bytes apart */
+    const uint16_t *scale_scale, *scale_zero, *zero_scale, *zero_zero, *scale_fp16, *zero_fp16;
+    int64_t second_stride, fp16_stride;
+} tile_cursor;
+
+static inline tile_cursor tile_cursor_at(const spqr_layer *L, int64_t r0) {
+    tile_cursor c;
+    memset(&c, 0, sizeof c);
+    const int64_t out = L->out_features, qq = L->qq_bits;
+    if (qq == 0) {
+        c.mode = 0;
+        c.scale_fp16 = L->scale_fp16 + r0;
+        c.zero_fp16 = L->zero_fp16 + r0;
+        c.fp16_stride = out;
+        return c;
+    }
+    c.mode = L->beta2 % TILE == 0 ? 1 : 2;
+    c.qq = qq;
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1);
+    c.code_stride = qq * 4;
+    const int64_t code_offset = (r0 / 32) * n_groups * qq * 4 + ((r0 & 31) / 8);
+    c.scale_codes = (const char *)L->scale_codes + code_offset;
+    c.zero_codes = (const char *)L->zero_codes + code_offset;
+    const int64_t s2 = (r0 / L->beta2) * n_groups;
+    c.scale_scale = L->scale_scale + s2;
+    c.scale_zero = L->scale_zero + s2;
+    c.zero_scale = L->zero_scale + s2;
+    c.zero_zero = L->zero_zero + s2;
+    c.second_stride = 1;
+    return c;
+}
+
+static inline __m512 decode_stat16(const char *codes, int64_t qq, uint16_t second_scale, uint16_t second_zero) {
+    __m512i c = _mm512_setzero_si512();
+    for (int64_t b = 0; b < qq; b++) c = _mm512_mask_or_epi32(c, load_mask16(codes + 4 * b), c, _mm512_set1_epi32(1 << b));
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(half_to_float(second_zero))),
+                         _mm512_set1_ps(half_to_float(second_scale)));
+}
+
+/* Scale and zero vectors of the tile at cursor c (from tile_cursor_at(L, r0)) in group g. */
+static inline void tile_stats16(const spqr_layer *L, const tile_cursor *c, int64_t g, int64_t r0, __m512 *scale,
+                                __m512 *zero) {
+    if (c->mode == 0) {
+        *scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->scale_fp16 + g * c->fp16_stride)));
+        *zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c->zero_fp16 + g * c->fp16_stride)));
+    } else if (c->mode == 1) {
+        const int64_t i2 = g * c->second_stride;
+        *scale = decode_stat16(c->scale_codes + g * c->code_stride, c->qq, c->scale_scale[i2], c->scale_zero[i2]);
+        *zero = decode_stat16(c->zero_codes + g * c->code_stride, c->qq, c->zero_scale[i2], c->zero_zero[i2]);
+    } else {
+        float s[TILE], z[TILE];
+        tile_stats(L, g, r0, TILE, s, z);
+        *scale = _mm512_loadu_ps(s);
+        *zero = _mm512_loadu_ps(z);
+    }
+}
+
+/* Bit `from` of each lane moved to bit `to` (other bits garbage; the caller masks). */
+static inline __m512i move_bit(__m512i v, int from, int to) {
+    return from >= to ? _mm512_srli_epi32(v, from - to) : _mm512_slli_epi32(v, to - from);
+}
+#endif
+#endif
