@@ -366,7 +366,7 @@ static void block_multiply(const float *buf, int nb, const float *xp, float *acc
     int64_t m_start = 0;
 #if SPQR_AVX512
     /* 6 rows of W x 64 rows of X (two panels) where there are 64: 10 loads per 24 FMAs instead of 14
-     * (measured: 12% faster at 512 rows); the 12 x 32 kernel below takes a last 32 rows */
+     * (measured: 3-7% faster at 512 rows); the 12 x 32 kernel below takes a last 32 rows */
     for (; m_start + 64 <= Mp; m_start += 64) {
         const float *pa = xp + (m_start / 32) * K * 32 + c0 * 32, *pb = pa + K * 32;
         for (int i0 = 0; i0 < nb; i0 += 6) {
