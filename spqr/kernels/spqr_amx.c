@@ -52,12 +52,7 @@ static inline __attribute__((always_inline)) void amx_b_tile(const spqr_layer *L
     for (int b = 0; b < WB; b++) v[b] = _mm512_srli_epi32(_mm512_loadu_si512(planes + b * TILE), 16 * (int)(j & 1));
 #pragma GCC unroll 8
     for (int p = 0; p < 8; p++) {
-        __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
-#pragma GCC unroll 8
-        for (int b = 0; b < WB; b++) {
-            q0 = _mm512_ternarylogic_epi32(q0, move_bit(v[b], 2 * p, b), _mm512_set1_epi32(1 << b), 0xF8);
-            q1 = _mm512_ternarylogic_epi32(q1, move_bit(v[b], 2 * p + 1, b), _mm512_set1_epi32(1 << b), 0xF8);
-        }
+        const __m512i q0 = column_codes(v, 2 * p, WB), q1 = column_codes(v, 2 * p + 1, WB);
         const __m512i lo = bf16_bits_exact(_mm512_cvtepi32_ps(q0)), hi = bf16_bits_exact(_mm512_cvtepi32_ps(q1));
         const __m512i row = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
         _mm512_storeu_si512(dst + 16 * p, row);

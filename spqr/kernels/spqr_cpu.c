@@ -302,10 +302,7 @@ static inline __attribute__((always_inline)) void decode_tile16(const spqr_layer
                 loaded_group = col / beta1;
                 tile_stats16(L, cursor, loaded_group, r0, &scale, &zero);
             }
-            __m512i q = _mm512_setzero_si512();
-#pragma GCC unroll 8
-            for (int b = 0; b < WB; b++) /* q |= bit j of plane b, at bit b */
-                q = _mm512_ternarylogic_epi32(q, move_bit(planes[b], j, b), _mm512_set1_epi32(1 << b), 0xF8);
+            const __m512i q = column_codes(planes, j, WB);
             _mm512_storeu_ps(dst + (col - c0) * nb, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), zero), scale));
         }
     }

@@ -188,5 +188,15 @@ static inline void tile_stats16(const spqr_layer *L, const tile_cursor *c, int64
 static inline __m512i move_bit(__m512i v, int from, int to) {
     return from >= to ? _mm512_srli_epi32(v, from - to) : _mm512_slli_epi32(v, to - from);
 }
+
+/* The WB-bit codes of column `bit` (0..31) of a 16-row tile's 32-column chunk, one per lane (row), from the
+ * chunk's bit-plane vectors planes[0..WB-1] (WB a compile-time constant after inlining). */
+static inline __attribute__((always_inline)) __m512i column_codes(const __m512i *planes, int bit, const int WB) {
+    __m512i q = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int b = 0; b < WB; b++) /* q |= bit `bit` of plane b, at bit b */
+        q = _mm512_ternarylogic_epi32(q, move_bit(planes[b], bit, b), _mm512_set1_epi32(1 << b), 0xF8);
+    return q;
+}
 #endif
 #endif
