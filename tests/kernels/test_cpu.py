@@ -172,8 +172,8 @@ def test_reference_only_mode_and_build_failure(monkeypatch, caplog, tmp_path):
 
 
 def test_amx_path_or_its_refusal():
-    """AMX (where the CPU has it): batches over AMX_MAX_ROWS in pieces, its kept workspace reused across shapes
-    and shared by concurrent calls. Elsewhere asking for it is a clear error."""
+    """AMX (where the CPU has it): batches over AMX_MAX_ROWS in pieces, its kept workspace reused across shapes.
+    Elsewhere asking for it is a clear error."""
     kern = cpu.load("native")
     assert kern is not None
     layer = random_packed_layer(100, 70, 3, 16, 16, 3, 0.03, seed=11)
@@ -181,17 +181,23 @@ def test_amx_path_or_its_refusal():
         with pytest.raises(RuntimeError, match="AMX kernel is not available"):
             kern.matmul(layer.spec, layer.tensors, torch.randn(20, 70), path="amx")
         pytest.skip("this CPU has no AMX tile unit: its refusal is tested, its numbers are not")
-    from concurrent.futures import ThreadPoolExecutor
-
     big = random_packed_layer(48, 300, 4, 32, 16, 3, 0.02, seed=12)  # groups of two 16-column blocks
     for lay, rows in ((layer, cpu.AMX_MAX_ROWS + 37), (big, 40), (layer, 3)):
         x = torch.randn(rows, lay.spec.in_features)
         _assert_exact_within_fp32(lay, x, kern.matmul(lay.spec, lay.tensors, x, path="amx"), "amx")
-    xs = [torch.randn(50, 70) for _ in range(8)]
-    with ThreadPoolExecutor(4) as pool:  # some calls find the workspace busy and use their own
-        ys = list(pool.map(lambda x: kern.matmul(layer.spec, layer.tensors, x, path="amx"), xs))
-    for x, y in zip(xs, ys):
-        assert torch.equal(y, kern.matmul(layer.spec, layer.tensors, x, path="amx"))
+
+
+def test_concurrent_calls_give_the_same_results(kern):
+    """Calls from several threads at once: some find the kept workspace busy and use a buffer of their own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = random_packed_layer(100, 70, 3, 16, 16, 3, 0.03, seed=14)
+    for path in ("gemv", "gemm") + (("amx",) if kern.has_amx else ()):
+        xs = [torch.randn(20, 70) for _ in range(16)]
+        with ThreadPoolExecutor(4) as pool:
+            ys = list(pool.map(lambda x, p=path: kern.matmul(layer.spec, layer.tensors, x, path=p), xs))
+        for x, y in zip(xs, ys):
+            assert torch.equal(y, kern.matmul(layer.spec, layer.tensors, x, path=path)), path
 
 
 def test_released_workspace_is_made_again(kern):
