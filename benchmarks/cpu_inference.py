@@ -9,11 +9,12 @@
    and the AVX-512 kernel as `spqr_gemm_ms`).
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
    model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
-   tokens match the reference's?). Also the checkpoint made with --quantize-head, if given.
+   tokens match the reference's?). Also the checkpoints made with --quantize-head and with
+   --head-wbits 6 --quantize-embeddings, if they exist.
 4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers
    (decoder blocks only; also with the lm_head quantized).
 5. Resident memory of the loaded checkpoint against its fp16 weights (also of the one made with
-   --quantize-embeddings, if given: every weight matrix packed).
+   --head-wbits 6 --quantize-embeddings, if it exists: every weight matrix packed).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _matching_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_checkpoint: Path | None) -> dict:
+def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_checkpoint: Path | None,
+                    embeddings_checkpoint: Path | None) -> dict:
     baseline, tokenizer = load_model(None)
     ids = tokenize(tokenizer, load_text("wikitext2", "test"))[:prompt_tokens].view(1, -1)
     fp32 = _generation(baseline, ids, tokens)
@@ -102,19 +104,23 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_chec
         f"tokens match reference: {result['tokens_match_reference']} ({same}/{len(spqr['tokens'])}); "
         f"spqr with bf16 unquantized parts: prefill {bf16['prefill_tokens_per_second']:.1f} "
         f"decode {bf16['decode_tokens_per_second']:.2f}")
-    if head_checkpoint is not None and head_checkpoint.is_dir():  # made with `spqr quantize --quantize-head`
-        head_model = load_quantized(head_checkpoint)
-        head = _generation(head_model, ids, tokens)
-        head_reference = _generation(use_reference(head_model), ids, tokens)
-        result["head_quantized"] = {
-            "checkpoint": str(head_checkpoint), "spqr": head, "reference": head_reference,
-            "tokens_match_reference": head["tokens"] == head_reference["tokens"],
-            "matching_prefix": _matching_prefix(head["tokens"], head_reference["tokens"]),
-            "decode_speedup_vs_fp32": head["decode_tokens_per_second"] / fp32["decode_tokens_per_second"],
-            "prefill_speedup_vs_fp32": head["prefill_tokens_per_second"] / fp32["prefill_tokens_per_second"]}
-        log(f"SmolLM2 with the lm_head quantized too: prefill {head['prefill_tokens_per_second']:.1f} tok/s, "
-            f"decode {head['decode_tokens_per_second']:.2f} tok/s; tokens match its reference: "
-            f"{result['head_quantized']['tokens_match_reference']}")
+    variants = {"head_quantized": (head_checkpoint, "--quantize-head"),
+                "embeddings_quantized": (embeddings_checkpoint, "--head-wbits 6 --quantize-embeddings")}
+    for name, (variant_checkpoint, flags) in variants.items():
+        if variant_checkpoint is None or not variant_checkpoint.is_dir():
+            continue
+        variant_model = load_quantized(variant_checkpoint)
+        run = _generation(variant_model, ids, tokens)
+        variant_reference = _generation(use_reference(variant_model), ids, tokens)
+        result[name] = {
+            "checkpoint": str(variant_checkpoint), "made_with": flags, "spqr": run, "reference": variant_reference,
+            "tokens_match_reference": run["tokens"] == variant_reference["tokens"],
+            "matching_prefix": _matching_prefix(run["tokens"], variant_reference["tokens"]),
+            "decode_speedup_vs_fp32": run["decode_tokens_per_second"] / fp32["decode_tokens_per_second"],
+            "prefill_speedup_vs_fp32": run["prefill_tokens_per_second"] / fp32["prefill_tokens_per_second"]}
+        log(f"SmolLM2 made with {flags}: prefill {run['prefill_tokens_per_second']:.1f} tok/s, "
+            f"decode {run['decode_tokens_per_second']:.2f} tok/s; tokens match its reference: "
+            f"{result[name]['tokens_match_reference']}")
     return result
 
 
@@ -171,7 +177,7 @@ print(json.dumps({"rss_before_bytes": before, "rss_after_bytes": after, "loaded_
 def memory_section(checkpoint: Path, embeddings_checkpoint: Path | None) -> dict:
     result = _memory(checkpoint)
     if embeddings_checkpoint is not None and embeddings_checkpoint.is_dir():
-        log(f"{embeddings_checkpoint} (made with --quantize-embeddings):")
+        log(f"{embeddings_checkpoint} (made with --head-wbits 6 --quantize-embeddings):")
         result["quantized_embeddings"] = {"checkpoint": str(embeddings_checkpoint), **_memory(embeddings_checkpoint)}
     return result
 
@@ -198,9 +204,9 @@ def main() -> None:
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
     parser.add_argument("--head-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-head"),
                         help="the same quantized with --quantize-head (measured too if it exists)")
-    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings4"),
-                        help="the same quantized with --head-wbits 4 --quantize-embeddings (memory measured too if "
-                             "it exists)")
+    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings6"),
+                        help="the same quantized with --head-wbits 6 --quantize-embeddings (measured too if it "
+                             "exists)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
@@ -218,7 +224,7 @@ def main() -> None:
     start = time.time()
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
-                                                   args.head_checkpoint),
+                                                   args.head_checkpoint, args.embeddings_checkpoint),
                 "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
                 "memory": lambda: memory_section(args.checkpoint, args.embeddings_checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
