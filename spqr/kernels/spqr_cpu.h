@@ -33,7 +33,9 @@ typedef struct {
 } spqr_layer;
 
 #define TILE 16 /* output rows per tile: one AVX-512 vector of statistics */
-#define PREFETCH_CHUNKS 16 /* the matrix-vector kernel prefetches weights this many 32-column chunks ahead */
+/* the matrix-vector kernel prefetches weights this many 32-column chunks ahead, into L1 and into L2 */
+#define PREFETCH_NEAR 4
+#define PREFETCH_FAR 16
 
 static inline float half_to_float(uint16_t h) {
     _Float16 v;
