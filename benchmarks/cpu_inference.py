@@ -10,11 +10,11 @@
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
    model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
    tokens match the reference's?). Also the checkpoints made with --quantize-head and with
-   --head-wbits 6 --quantize-embeddings, if they exist.
+   --head-wbits 5 or 6 --quantize-embeddings, where they exist.
 4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers
    (decoder blocks only; also with the lm_head quantized).
 5. Resident memory of the loaded checkpoint against its fp16 weights (also of the one made with
-   --head-wbits 6 --quantize-embeddings, if it exists: every weight matrix packed).
+   --head-wbits 5 or 6 --quantize-embeddings, where they exist: every weight matrix packed).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _matching_prefix(a: list[int], b: list[int]) -> int:
 
 
 def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_checkpoint: Path | None,
-                    embeddings_checkpoint: Path | None) -> dict:
+                    embeddings_checkpoints: dict[int, Path]) -> dict:
     baseline, tokenizer = load_model(None)
     ids = tokenize(tokenizer, load_text("wikitext2", "test"))[:prompt_tokens].view(1, -1)
     fp32 = _generation(baseline, ids, tokens)
@@ -104,8 +104,9 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_chec
         f"tokens match reference: {result['tokens_match_reference']} ({same}/{len(spqr['tokens'])}); "
         f"spqr with bf16 unquantized parts: prefill {bf16['prefill_tokens_per_second']:.1f} "
         f"decode {bf16['decode_tokens_per_second']:.2f}")
-    variants = {"head_quantized": (head_checkpoint, "--quantize-head"),
-                "embeddings_quantized": (embeddings_checkpoint, "--head-wbits 6 --quantize-embeddings")}
+    variants = {"head_quantized": (head_checkpoint, "--quantize-head")}
+    variants |= {f"embeddings_quantized_{bits}bit": (path, f"--head-wbits {bits} --quantize-embeddings")
+                 for bits, path in embeddings_checkpoints.items()}
     for name, (variant_checkpoint, flags) in variants.items():
         if variant_checkpoint is None or not variant_checkpoint.is_dir():
             continue
@@ -174,11 +175,12 @@ print(json.dumps({"rss_before_bytes": before, "rss_after_bytes": after, "loaded_
 """
 
 
-def memory_section(checkpoint: Path, embeddings_checkpoint: Path | None) -> dict:
+def memory_section(checkpoint: Path, embeddings_checkpoints: dict[int, Path]) -> dict:
     result = _memory(checkpoint)
-    if embeddings_checkpoint is not None and embeddings_checkpoint.is_dir():
-        log(f"{embeddings_checkpoint} (made with --head-wbits 6 --quantize-embeddings):")
-        result["quantized_embeddings"] = {"checkpoint": str(embeddings_checkpoint), **_memory(embeddings_checkpoint)}
+    for bits, path in embeddings_checkpoints.items():
+        if path.is_dir():
+            log(f"{path} (made with --head-wbits {bits} --quantize-embeddings):")
+            result[f"quantized_embeddings_{bits}bit"] = {"checkpoint": str(path), **_memory(path)}
     return result
 
 
@@ -204,9 +206,9 @@ def main() -> None:
                         help="3-bit SmolLM2 checkpoint (bash scripts/quickstart.sh writes out/smollm2-spqr-w3)")
     parser.add_argument("--head-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-head"),
                         help="the same quantized with --quantize-head (measured too if it exists)")
-    parser.add_argument("--embeddings-checkpoint", type=Path, default=Path("out/smollm2-spqr-w3-embeddings6"),
-                        help="the same quantized with --head-wbits 6 --quantize-embeddings (measured too if it "
-                             "exists)")
+    parser.add_argument("--embeddings-checkpoints", default="out/smollm2-spqr-w3-embeddings{bits}",
+                        help="the same quantized with --head-wbits BITS --quantize-embeddings, BITS = 5 and 6 "
+                             "({bits} in the path; measured too where they exist)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
@@ -215,6 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoint.is_dir() and not {"smollm2", "memory"} <= set(args.skip):
         sys.exit(f"checkpoint {args.checkpoint} not found: run `bash scripts/quickstart.sh` first or pass --checkpoint")
+    embeddings_checkpoints = {bits: Path(args.embeddings_checkpoints.format(bits=bits)) for bits in (5, 6)}
     kernels = cpu.load()
     result: dict = {"machine": {"threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
                                 "avx512": bool(kernels and kernels.has_avx512),
@@ -224,9 +227,9 @@ def main() -> None:
     start = time.time()
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
-                                                   args.head_checkpoint, args.embeddings_checkpoint),
+                                                   args.head_checkpoint, embeddings_checkpoints),
                 "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
-                "memory": lambda: memory_section(args.checkpoint, args.embeddings_checkpoint)}
+                "memory": lambda: memory_section(args.checkpoint, embeddings_checkpoints)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, run in sections.items():
         if name.removeprefix("synthetic_") in args.skip:
