@@ -210,7 +210,7 @@ static inline __attribute__((always_inline)) void gemv_tile16(const spqr_layer *
     for (int64_t c = 0; c < n_chunks; c++) {
         const int32_t *planes = tile + c * WB * TILE;
         /* Prefetches, measured with the weights not in cache: into L1 (20% faster), further ahead into L2 (2-4% more),
-         * the first-level statistics' codes (2% more) */
+         * the first-level statistics' codes PREFETCH_FAR groups ahead (2% more) */
         for (int b = 0; b < WB; b++) {
             _mm_prefetch((const char *)(planes + PREFETCH_NEAR * WB * TILE + b * TILE), _MM_HINT_T0);
             _mm_prefetch((const char *)(planes + PREFETCH_FAR * WB * TILE + b * TILE), _MM_HINT_T2);
