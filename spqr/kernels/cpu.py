@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c")]
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
-AMX_MIN_WEIGHTS = 2**21  # measured: 576x1536 layers run faster through gemm, 4096x4096 ones 1.1-1.3x faster on AMX
+AMX_MIN_WEIGHTS = 2**21  # measured: 576x576 and 576x1536 layers run faster through gemm (1536x576 does not: AMX
+# 1.02x MKL vs 0.94x, a weight count does not capture it), 4096x4096 ones 1.1-1.3x faster on AMX
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
