@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from spqr import kernels
 from spqr.format.layout import PackedLinear
 from spqr.format.synthetic import random_packed_layer
+from spqr.nn import SpQRLinear
 
 
 def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3, device: str = "cpu") -> float:
@@ -65,8 +66,10 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
                        beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
                        baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3,
                        device: str = "cpu", cpu_paths: tuple[str, ...] = ()) -> dict:
-    """Time y = x Wᵀ (x [rows, in]) through torch.ops.spqr.linear and through F.linear in each baseline dtype.
+    """Time y = x Wᵀ (x [rows, in]) through SpQRLinear and through F.linear in each baseline dtype.
 
+    `spqr_ms` is the SpQRLinear module's call (in eager CPU mode it skips the dispatcher), `spqr_op_ms` the
+    registered op torch.ops.spqr.linear (what traced and compiled models call; ~10 us more per call on CPU).
     cpu_paths: also time these paths of the CPU kernels (e.g. "gemm": the AVX-512 kernel where AMX is the default).
 
     The candidates take turns for `rounds` rounds of `repeats` calls, so that a slow phase of a noisy
@@ -81,8 +84,10 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
     x = torch.randn(rows, in_features, device=device)
     layers = _copies(lambda: {k: v.to(device, copy=True) for k, v in layer.tensors.items()}, packed_bytes(layer),
                      cold, pool)
+    modules = [SpQRLinear(layer.spec, tensors) for tensors in layers]
     candidates: dict[str, Callable[[int], object]] = {
-        "spqr": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
+        "spqr": lambda i: modules[i % len(modules)](x),  # what a model runs
+        "spqr_op": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
     cpu_kernels = kernels.cpu.load() if cpu_paths else None
     for path in cpu_paths if cpu_kernels else ():
         candidates[f"spqr_{path}"] = lambda i, p=path: cpu_kernels.matmul(layer.spec, layers[i % len(layers)], x,
