@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/cpu_inference.py --checkpoint out/smollm2-spqr-w3 --out results/cpu_inference.json
 
 1. Matrix-vector, 3-bit beta1=beta2=16, 1% outliers, on 4096x4096, 11008x4096, 4096x11008: a SpQRLinear
-   call (and the registered op, `spqr_op_ms`) against torch fp16 and fp32 F.linear (cold caches: weights rotate through copies larger than the LLC);
-   achieved GB/s of the packed bytes against the machine's read bandwidth. Also 2 and 4 bits.
+   call (and the registered op, `spqr_op_ms`) against torch fp16 and fp32 F.linear (cold caches: weights
+   rotate through copies larger than the LLC); achieved GB/s of the packed bytes against the machine's read
+   bandwidth. Also 2 and 4 bits.
 2. Matrix-matrix with 64 and 512 input rows against fp32 F.linear (on an AMX machine the default AMX kernel,
    and the AVX-512 kernel as `spqr_gemm_ms`).
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32

@@ -41,13 +41,9 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
     kernels = kernels or cpu.load()
     if kernels is None or not spec.kernel_friendly:
         return reference_linear(spec, t, x)
-    x2d = x.reshape(-1, spec.in_features)
-    if x2d.dtype != torch.float32 or not x2d.is_contiguous():
-        x2d = x2d.to(torch.float32).contiguous()
-    y = kernels.matmul(spec, t, x2d)
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    return y.view(*x.shape[:-1], spec.out_features)
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    y = kernels.matmul(spec, t, x32)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -74,29 +74,32 @@ class CpuKernels:
         self._gemm_amx = lib.spqr_gemm_amx
         self._gemm_amx.argtypes = signature
         self._gemm_amx.restype = ctypes.c_int
-        self._layers: dict[tuple, LayerStruct] = {}
+        self._layers: dict[tuple, tuple[LayerSpec, LayerStruct]] = {}
 
     def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor, path: str = "auto",
                gemv_max_rows: int = 8) -> torch.Tensor:
-        """x [M, in] fp32 contiguous (original column order) -> [M, out] fp32 (bias not added).
+        """x [..., in] fp32 contiguous (original column order) -> [..., out] fp32 (bias not added).
 
         path "auto": up to gemv_max_rows rows go through the matrix-vector kernel one by one (measured
         crossover on a 2-core AVX-512 machine: 8-12 rows), more through AMX where available and the layer
         has at least AMX_MIN_WEIGHTS weights (below that its fixed costs lose to `gemm`), else `gemm`.
         """
-        if path not in self.PATHS:
+        if path != "auto" and path not in self.PATHS:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
         layer = self._layer(spec, t)
         threads = torch.get_num_threads()
-        rows, n = x.shape[0], spec.out_features
-        y = torch.empty(rows, n, dtype=torch.float32)
+        k, n = spec.in_features, spec.out_features
+        if x.shape[-1] != k:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k} (x shape {tuple(x.shape)})")
+        rows = x.numel() // k
+        y = torch.empty(rows, n) if x.dim() == 2 else torch.empty((*x.shape[:-1], n))
+        x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
         if path == "auto":
-            big = spec.in_features * spec.out_features >= AMX_MIN_WEIGHTS
+            big = k * n >= AMX_MIN_WEIGHTS
             path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx and big else "gemm"
         if path == "gemv":
-            x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
             for i in range(rows):
-                if self._gemv(layer, x_ptr + 4 * i * spec.in_features, y_ptr + 4 * i * n, threads):
+                if self._gemv(layer, x_ptr + 4 * i * k, y_ptr + 4 * i * n, threads):
                     raise MemoryError("spqr_gemv could not allocate its workspace")
             return y
         if path == "amx":
@@ -105,14 +108,14 @@ class CpuKernels:
             status = 0
             for r0 in range(0, rows, AMX_MAX_ROWS):  # bounds its workspace: 16 bytes per row and input feature
                 r1 = min(rows, r0 + AMX_MAX_ROWS)
-                status = self._gemm_amx(layer, r1 - r0, x[r0:r1].data_ptr(), y[r0:r1].data_ptr(), threads)
+                status = self._gemm_amx(layer, r1 - r0, x_ptr + 4 * r0 * k, y_ptr + 4 * r0 * n, threads)
                 if status:
                     break
             if status == 1:
                 raise MemoryError("spqr_gemm_amx could not allocate its workspace")
             if status == 0:
                 return y  # 2: AMX refused at run time; the AVX-512 kernel computes the same
-        if self._gemm(layer, rows, x.data_ptr(), y.data_ptr(), threads):
+        if self._gemm(layer, rows, x_ptr, y_ptr, threads):
             raise MemoryError("spqr_gemm could not allocate its workspace")
         return y
 
@@ -122,13 +125,17 @@ class CpuKernels:
         self.lib.spqr_release_workspace()
 
     def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
-        """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec)."""
-        key = (spec, *(v.data_ptr() if v.is_contiguous() else -1 for v in t.values()))
-        layer = self._layers.get(key)
-        if layer is None:
-            if len(self._layers) > 100_000:
-                self._layers.clear()
-            layer = self._layers[key] = _layer_struct(spec, t)
+        """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec).
+
+        A tensor that is not contiguous keys as -1, so it reaches _layer_struct, which refuses it."""
+        key = tuple([v.data_ptr() if v.is_contiguous() else -1 for v in t.values()])
+        cached = self._layers.get(key)
+        if cached is not None and (cached[0] is spec or cached[0] == spec):
+            return cached[1]
+        if len(self._layers) > 100_000:
+            self._layers.clear()
+        layer = _layer_struct(spec, t)
+        self._layers[key] = (spec, layer)
         return layer
 
 

@@ -116,6 +116,19 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
         _check(layer, kern, rows, scale=1 / magnitude)
 
 
+def test_input_shapes(kern):
+    """Any leading shape (as nn.Linear takes), and a clear error for the wrong number of input features."""
+    layer = random_packed_layer(48, 64, 3, 16, 16, 3, 0.02, seed=6)
+    x = torch.randn(2, 3, 64)
+    for path in ("gemv", "gemm"):
+        flat = kern.matmul(layer.spec, layer.tensors, x.reshape(6, 64), path=path)
+        assert torch.equal(kern.matmul(layer.spec, layer.tensors, x, path=path), flat.reshape(2, 3, 48)), path
+        assert torch.equal(kern.matmul(layer.spec, layer.tensors, x[0, 0], path=path), flat[0]), path
+    assert kern.matmul(layer.spec, layer.tensors, torch.zeros(0, 64)).shape == (0, 48)
+    with pytest.raises(ValueError, match="input has 63 features, the layer expects 64"):
+        kern.matmul(layer.spec, layer.tensors, torch.randn(4, 63))
+
+
 @pytest.mark.parametrize("perm", [True, False])
 def test_matrix_kernel_decodes_bit_exactly(kern, perm):
     """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit.
