@@ -94,7 +94,7 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
 def cmd_quantize(args: argparse.Namespace) -> dict:
     overrides = {k: v for k, v in {
         "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
-        "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize,
+        "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize, "stats_dtype": args.stats_dtype,
     }.items() if v is not None}
     if "qq_bits" in vars(args):  # absent unless given: None is a valid value (fp16 statistics)
         overrides["qq_bits"] = args.qq_bits
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--beta2", type=int, help="output rows per statistics group (default 16)")
     q.add_argument("--qq-bits", type=_qq_bits, default=argparse.SUPPRESS,
                    help="bits of quantized scales/zeros, or 'none' for fp16 statistics (spqr default 3)")
+    q.add_argument("--stats-dtype", choices=["float16", "float32"],
+                   help="dtype of plain statistics (with --qq-bits none; float32 as the reference's baselines compute, "
+                        "runs on the reference path; default float16)")
     q.add_argument("--outlier-threshold", type=_threshold, help="relative outlier threshold τ, or 'inf' for none")
     q.add_argument("--perm", choices=["identity", "act_order"], help="column order of the sweep")
     q.add_argument("--percdamp", type=float, help="Hessian dampening relative to mean(diag H)")

@@ -12,8 +12,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import torch
+
 PermutationOrder = Literal["identity", "act_order"]
 PERMUTATION_ORDERS = ("identity", "act_order")
+StatsDtype = Literal["float16", "float32"]
+STATS_DTYPES = ("float16", "float32")
 
 
 class ConfigError(ValueError):
@@ -33,7 +37,10 @@ class QuantConfig:
     beta1:             input columns per group sharing one scale and zero (the paper's β1).
     beta2:             output rows per second-level group of statistics (the paper's β2).
     qq_bits:           bits of the quantized scales and zeros (bilevel quantization);
-                       None keeps statistics in fp16 (plain GPTQ / RTN grids).
+                       None keeps statistics as plain values (GPTQ / RTN grids).
+    stats_dtype:       "float16" or "float32": the plain values' dtype when qq_bits is None (float32 is
+                       what the reference implementation's GPTQ/RTN baselines compute with; the C and
+                       Triton kernels take float16 only, so float32 layers run on the reference path).
     outlier_threshold: τ, relative to the layer's typical sensitivity; `inf` disables outliers.
     perm:              input-column order of the sweep: "identity" or "act_order" (diag H, desc).
     percdamp:          dampening added to diag H, as a fraction of mean(diag H).
@@ -45,6 +52,7 @@ class QuantConfig:
     beta1: int = 16
     beta2: int = 16
     qq_bits: int | None = 3
+    stats_dtype: StatsDtype = "float16"
     outlier_threshold: float = 0.2
     perm: PermutationOrder = "act_order"
     percdamp: float = 1.0
@@ -60,6 +68,9 @@ class QuantConfig:
                f"beta2 (output rows per statistics group) must be an integer in 1..4096, got {self.beta2!r}")
         _check(self.qq_bits is None or (isinstance(self.qq_bits, int) and 2 <= self.qq_bits <= 8),
                f"qq_bits must be an integer in 2..8 or None (fp16 statistics), got {self.qq_bits!r}")
+        _check(self.stats_dtype in STATS_DTYPES, f"stats_dtype must be one of {STATS_DTYPES}, got {self.stats_dtype!r}")
+        _check(self.stats_dtype == "float16" or self.qq_bits is None,
+               f"stats_dtype={self.stats_dtype!r} needs qq_bits=None (quantized statistics have fp16 grids)")
         _check(not math.isnan(self.outlier_threshold) and self.outlier_threshold > 0,
                f"outlier_threshold must be > 0 (use inf to disable outliers), got {self.outlier_threshold!r}")
         _check(self.perm in PERMUTATION_ORDERS,
@@ -73,6 +84,10 @@ class QuantConfig:
     def sweep_block(self) -> int:
         """Lazy-update block width actually used: whole groups only."""
         return max(self.beta1, self.blocksize // self.beta1 * self.beta1)
+
+    @property
+    def plain_stats_dtype(self) -> torch.dtype:
+        return getattr(torch, self.stats_dtype)
 
     @property
     def has_outliers(self) -> bool:

@@ -112,12 +112,13 @@ def ref_second_level(values: torch.Tensor, qq_bits: int, beta2: int) -> torch.Te
     return out
 
 
-def ref_rtn(weight: torch.Tensor, bits: int, beta1: int, qq_bits: int | None, beta2: int) -> torch.Tensor:
-    """Round-to-nearest per group of beta1 columns, statistics in fp16 or bilevel-quantized."""
+def ref_rtn(weight: torch.Tensor, bits: int, beta1: int, qq_bits: int | None, beta2: int,
+            fp32_stats: bool = False) -> torch.Tensor:
+    """Round-to-nearest per group of beta1 columns, statistics in fp16 (fp32 with fp32_stats) or bilevel-quantized."""
     out = torch.empty_like(weight)
     for c0 in range(0, weight.shape[1], beta1):
         group = weight[:, c0:c0 + beta1]
-        scale, zero = ref_grid_fp32(group, bits, fp16=qq_bits is None)
+        scale, zero = ref_grid_fp32(group, bits, fp16=qq_bits is None and not fp32_stats)
         if qq_bits is not None:
             scale, zero = ref_second_level(scale, qq_bits, beta2), ref_second_level(zero, qq_bits, beta2)
         out[:, c0:c0 + beta1] = ref_round_trip(group, scale[:, None], zero[:, None], bits)[1]

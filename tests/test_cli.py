@@ -90,7 +90,8 @@ def test_eval_of_the_original_model(model_dirs, text_file, tmp_path):
     assert json.loads(j.read_text())["ppl"] == pytest.approx(_ref_ppl(model, ids, 16, 3), rel=1e-5)
 
 
-@pytest.mark.parametrize("method,extra", [("gptq", ["--beta1", "16"]), ("rtn", ["--wbits", "3"])])
+@pytest.mark.parametrize("method,extra", [("gptq", ["--beta1", "16"]), ("rtn", ["--wbits", "3"]),
+                                          ("rtn", ["--wbits", "3", "--stats-dtype", "float32"])])
 def test_baseline_methods(model_dirs, text_file, tmp_path, method, extra):
     out, j = tmp_path / "out", tmp_path / "q.json"
     rc = main(["quantize", str(model_dirs["qwen2"]), "-o", str(out), "--method", method, "--nsamples", "4",
@@ -100,6 +101,7 @@ def test_baseline_methods(model_dirs, text_file, tmp_path, method, extra):
     assert summary["method"] == method
     assert summary["config"]["qq_bits"] is None and summary["config"]["outlier_threshold"] is None
     assert summary["outlier_share"] == 0.0
+    assert summary["config"]["stats_dtype"] == ("float32" if "--stats-dtype" in extra else "float16")
     if method == "rtn":
         assert summary["calibration"] is None and summary["config"]["wbits"] == 3
     else:
@@ -118,7 +120,8 @@ def test_options_skip_head_offload_and_eval(model_dirs, text_file, tmp_path):
     assert rc == 0
     summary = json.loads(j.read_text())
     assert summary["config"] == {"wbits": 4, "beta1": 8, "beta2": 8, "qq_bits": 2, "outlier_threshold": 0.05,
-                                 "perm": "identity", "percdamp": 0.5, "blocksize": 16, "error_feedback": True}
+                                 "perm": "identity", "percdamp": 0.5, "blocksize": 16, "error_feedback": True,
+                                 "stats_dtype": "float16"}
     assert summary["eval"]["windows"] == 2 and summary["eval"]["ppl"] > 1
     assert summary["forward_dtype"] == "bfloat16"
     assert len(summary["layers"]) == 13 and summary["layers"][-1]["name"] == "lm_head"
@@ -147,7 +150,7 @@ def test_overwrite(spqr_run, model_dirs, text_file, capsys):
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "short_calib", "eval_missing",
+@pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "stats_dtype", "short_calib", "eval_missing",
                                   "info_not_checkpoint", "bad_dataset"])
 def test_user_errors_exit_2(case, model_dirs, text_file, tmp_path, capsys):
     model = str(model_dirs["llama"])
@@ -158,6 +161,7 @@ def test_user_errors_exit_2(case, model_dirs, text_file, tmp_path, capsys):
         "missing_model": (["quantize", str(tmp_path / "nope"), "-o", out, "--method", "rtn"], "does not exist"),
         "wbits": (["quantize", model, "-o", out, "--wbits", "9"], "wbits"),
         "qq_bits": (["quantize", model, "-o", out, "--qq-bits", "1"], "qq_bits"),
+        "stats_dtype": (["quantize", model, "-o", out, "--stats-dtype", "float32"], "stats_dtype"),
         "short_calib": (["quantize", model, "-o", out, "--calib", str(short), "--seqlen", "32", "--nsamples", "2"],
                         "tokens"),
         "eval_missing": (["eval", str(tmp_path / "nope"), "--dataset", str(text_file)], "does not exist"),

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
 
@@ -18,6 +19,7 @@ from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
     ("perm", "foo"), ("perm", "random"),
     ("percdamp", -1.0), ("percdamp", math.inf), ("percdamp", math.nan),
     ("blocksize", 0), ("blocksize", 1.5),
+    ("stats_dtype", "bfloat16"), ("stats_dtype", "float32"),  # float32 needs qq_bits=None
 ])
 def test_out_of_range_values_name_the_option(option, value):
     with pytest.raises(ConfigError) as info:
@@ -61,6 +63,11 @@ def test_presets():
         preset("awq")
     with pytest.raises(ConfigError, match="wbits"):
         preset("gptq", wbits=9)
+
+
+def test_fp32_statistics_only_as_plain_values():
+    assert QuantConfig(qq_bits=None, stats_dtype="float32").plain_stats_dtype == torch.float32
+    assert preset("rtn").plain_stats_dtype == torch.float16
 
 
 def test_needs_hessian():

@@ -162,6 +162,32 @@ def test_rtn_needs_no_calibration_and_is_plain_rounding(arch):
     assert len(report.layers) == 14
 
 
+def test_rtn_with_fp32_statistics(tmp_path):
+    """stats_dtype="float32": the reference implementation's RTN arithmetic, stored and counted at 32 bits."""
+    from spqr.format.accounting import checkpoint_accounting
+    from spqr.hf import load_quantized, save_quantized
+
+    original = make_model("llama")
+    model = make_model("llama")
+    config = preset("rtn", stats_dtype="float32")
+    quantize(model, None, config, progress=False)
+    for name in decoder_linear_names(original):
+        layer = model.get_submodule(name)
+        assert layer.spec.stats_dtype == "float32" and layer.scale.dtype == torch.float32
+        w = original.get_submodule(name).weight
+        assert torch.allclose(layer.dequantize(), ref_rtn(w, 4, 16, None, 16, fp32_stats=True), atol=1e-6)
+        assert not torch.allclose(layer.dequantize(), ref_rtn(w, 4, 16, None, 16), atol=1e-7)
+    save_quantized(model, tmp_path / "q", config.to_dict())
+    loaded = load_quantized(tmp_path / "q")
+    ids = random_windows(2, 20, seed=5)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    accounting = checkpoint_accounting(tmp_path / "q")
+    assert accounting["paper_formula_bits"] == 4 + 2 * 32 / 16
+    for layer in accounting["layers"]:  # one fp32 scale and zero per row and group of 16 columns
+        fp32_stat_bits = 32 * -(-layer["in_features"] // 16) * layer["out_features"]
+        assert layer["parts_bits"]["scale"] == layer["parts_bits"]["zero"] == fp32_stat_bits
+
+
 def test_bias_kept_for_qwen2():
     original = make_model("qwen2")
     model = make_model("qwen2")

@@ -197,7 +197,7 @@ def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor,
                 keep = (~likely).float()
                 mean_kept = (group * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
                 group = torch.where(likely, mean_kept, group)
-            stats = fit_group_stats(group, config.wbits, config.qq_bits, config.beta2)
+            stats = fit_group_stats(group, config.wbits, config.qq_bits, config.beta2, config.plain_stats_dtype)
             scale_stats.append(stats.stored_scale)
             zero_stats.append(stats.stored_zero)
             scale, zero = stats.scale, stats.zero
@@ -226,11 +226,11 @@ def _stack_stats(stats: list[QuantizedStat]) -> QuantizedStat:
     def stack(name: str) -> torch.Tensor | None:
         values = [getattr(s, name) for s in stats]
         return None if values[0] is None else torch.stack(values)
-    return QuantizedStat(stack("codes"), stack("second_scale"), stack("second_zero"), stack("fp16_values"))
+    return QuantizedStat(stack("codes"), stack("second_scale"), stack("second_zero"), stack("values"))
 
 
 def _slice_stat(stat: QuantizedStat, rows: slice, group_rows: slice) -> QuantizedStat:
     def cut(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
         return None if t is None else t[:, s].contiguous()
     return QuantizedStat(cut(stat.codes, rows), cut(stat.second_scale, group_rows),
-                         cut(stat.second_zero, group_rows), cut(stat.fp16_values, rows))
+                         cut(stat.second_zero, group_rows), cut(stat.values, rows))

@@ -33,10 +33,12 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
         raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
 
 
-def paper_formula_bits(wbits: int, beta1: int, beta2: int, qq_bits: int | None, outlier_share: float) -> float:
-    """Average bits by the SpQR paper's formula (ignores permutation and CSR row pointers)."""
+def paper_formula_bits(wbits: int, beta1: int, beta2: int, qq_bits: int | None, outlier_share: float,
+                       plain_stat_bits: int = 16) -> float:
+    """Average bits by the SpQR paper's formula (ignores permutation and CSR row pointers); plain_stat_bits: the
+    width of a statistic stored as a plain value (qq_bits None)."""
     if qq_bits is None:
-        return wbits + 32 / beta1 + 32 * outlier_share
+        return wbits + 2 * plain_stat_bits / beta1 + 32 * outlier_share
     return wbits + 2 * qq_bits / beta1 + 2 * 32 / (beta1 * beta2) + 32 * outlier_share
 
 
@@ -88,7 +90,8 @@ def checkpoint_accounting(directory: str | Path) -> dict:
         "quantized_weights": quantized_weights,
         "avg_bits": quantized_bits / max(quantized_weights, 1),
         "avg_bits_by_part": {k: v / max(quantized_weights, 1) for k, v in sorted(parts_total.items())},
-        "paper_formula_bits": paper_formula_bits(qc["wbits"], qc["beta1"], qc["beta2"], qc["qq_bits"], share),
+        "paper_formula_bits": paper_formula_bits(qc["wbits"], qc["beta1"], qc["beta2"], qc["qq_bits"], share,
+                                                 32 if qc.get("stats_dtype") == "float32" else 16),
         "outliers": outliers,
         "outlier_share": share,
         "file_bytes": file_bytes,

@@ -10,14 +10,15 @@ For W [out, in] with input columns permuted by `perm` (y = W x = W_perm x[perm])
 | scale_scale/_zero | fp16         | [ceil(out/beta2), n_groups]        | second-level grid of the scales          |
 | zero_codes        | int32        | [ceil(out/32), n_groups, qq_bits]  | bit-planes of first-level zero codes     |
 | zero_scale/_zero  | fp16         | [ceil(out/beta2), n_groups]        | second-level grid of the zeros           |
-| scale, zero       | fp16         | [n_groups, out]                    | instead of the above when qq_bits is None|
+| scale, zero       | fp16 (fp32)  | [n_groups, out]                    | instead of the above when qq_bits is None|
 | perm              | int16/int32  | [in]                               | sweep order (absent for identity)        |
 | outlier_row_ptr   | int32        | [out + 1]                          | CSR row pointers                         |
 | outlier_col       | int16/int32  | [nnz]                              | column in W_perm, ascending in each row  |
 | outlier_val       | fp16         | [nnz]                              | outlier minus its dense reconstruction   |
 | bias              | model dtype  | [out]                              | only for layers with a bias              |
 
-n_groups = ceil(in / beta1); a ragged last group (or row group) simply has fewer members.
+n_groups = ceil(in / beta1); a ragged last group (or row group) simply has fewer members. Plain statistics
+(qq_bits None) are fp32 instead of fp16 when spec.stats_dtype is "float32".
 Decoding: W_perm[r, c] = (code - zero[g, r]) * scale[g, r] + outlier delta, g = c // beta1.
 qweight[t, c, b, i] is bit-plane b of the codes of columns 32c .. 32c+31 of row 16t + i (bit j for column
 32c + j; rows past `out` are zero padding): a kernel working on a tile of 16 rows reads each plane of all
@@ -54,6 +55,7 @@ class LayerSpec:
     qq_bits: int | None
     has_perm: bool
     has_bias: bool
+    stats_dtype: str = "float16"  # plain statistics (qq_bits None): "float16" or "float32"
 
     def __post_init__(self) -> None:
         def is_int(v: object, lo: int, hi: int) -> bool:
@@ -64,7 +66,9 @@ class LayerSpec:
             ("wbits", is_int(self.wbits, 1, 8)), ("beta1", is_int(self.beta1, 1, 2**31)),
             ("beta2", is_int(self.beta2, 1, 2**31)),
             ("qq_bits", self.qq_bits is None or is_int(self.qq_bits, 1, 8)),
-            ("has_perm", type(self.has_perm) is bool), ("has_bias", type(self.has_bias) is bool)) if not ok]
+            ("has_perm", type(self.has_perm) is bool), ("has_bias", type(self.has_bias) is bool),
+            ("stats_dtype", self.stats_dtype == "float16" or (self.stats_dtype == "float32" and self.qq_bits is None)),
+        ) if not ok]
         if problems:
             raise ValueError(f"invalid layer spec fields {problems}: {self}")
 
@@ -74,15 +78,19 @@ class LayerSpec:
 
     @property
     def kernel_friendly(self) -> bool:
-        """Groups hold whole 16-column halves of a 32-column chunk: what the CPU and Triton kernels need."""
-        return self.beta1 % 16 == 0
+        """Groups hold whole 16-column halves of a 32-column chunk and statistics are fp16 or bilevel: what the
+        CPU and Triton kernels take."""
+        return self.beta1 % 16 == 0 and self.stats_dtype == "float16"
 
     @property
     def index_dtype(self) -> torch.dtype:
         return torch.int16 if self.in_features <= INT16_MAX_INDEX else torch.int32
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.stats_dtype == "float16":  # the default: configs read the same as before the field existed
+            del d["stats_dtype"]
+        return d
 
     def expected_tensors(self, bias_dtype: torch.dtype = torch.float32) -> dict[str, TensorSpec]:
         """name -> (shape, dtype) of every stored tensor; shape None where it depends on the outlier count."""
@@ -94,8 +102,8 @@ class LayerSpec:
             "outlier_val": (None, torch.float16),
         }
         if self.qq_bits is None:
-            expected["scale"] = ((n_groups, out), torch.float16)
-            expected["zero"] = ((n_groups, out), torch.float16)
+            expected["scale"] = ((n_groups, out), getattr(torch, self.stats_dtype))
+            expected["zero"] = ((n_groups, out), getattr(torch, self.stats_dtype))
         else:
             second = (-(-out // self.beta2), n_groups)
             for stat in ("scale", "zero"):
@@ -120,11 +128,13 @@ class PackedLinear:
     def from_quantized(cls, qw: QuantizedWeight, wbits: int, beta1: int, beta2: int, qq_bits: int | None,
                        bias: torch.Tensor | None = None) -> PackedLinear:
         out, in_features = qw.codes.shape
-        spec = LayerSpec(in_features, out, wbits, beta1, beta2, qq_bits, qw.perm is not None, bias is not None)
+        stats_dtype = "float16" if qq_bits is not None else str(qw.scale.values.dtype).removeprefix("torch.")
+        spec = LayerSpec(in_features, out, wbits, beta1, beta2, qq_bits, qw.perm is not None, bias is not None,
+                         stats_dtype)
         t: dict[str, torch.Tensor] = {"qweight": pack_weight_codes(qw.codes, wbits)}
         for name, stat in (("scale", qw.scale), ("zero", qw.zero)):
             if qq_bits is None:
-                t[name] = stat.fp16_values
+                t[name] = stat.values
             else:
                 t[f"{name}_codes"] = pack_bitplanes(stat.codes, qq_bits).transpose(0, 1)
                 t[f"{name}_scale"] = stat.second_scale.T

@@ -48,8 +48,8 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
 
 @functools.lru_cache(maxsize=4096)
 def _spec(in_features: int, out_features: int, wbits: int, beta1: int, beta2: int, qq_bits: int,
-          has_perm: bool) -> LayerSpec:
-    return LayerSpec(in_features, out_features, wbits, beta1, beta2, qq_bits or None, has_perm, False)
+          has_perm: bool, stats_dtype: str) -> LayerSpec:
+    return LayerSpec(in_features, out_features, wbits, beta1, beta2, qq_bits or None, has_perm, False, stats_dtype)
 
 
 @functools.cache
@@ -75,7 +75,7 @@ def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) ->
 def _unpack_args(x: torch.Tensor, qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,
                  row_ptr: torch.Tensor, outlier_col: torch.Tensor, outlier_val: torch.Tensor,
                  shape: list[int]) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
-    spec = _spec(*shape, perm is not None)
+    spec = _spec(*shape, perm is not None, "float32" if stats[0].dtype == torch.float32 else "float16")
     t = dict(zip(stat_names(spec), stats), qweight=qweight, outlier_row_ptr=row_ptr, outlier_col=outlier_col,
              outlier_val=outlier_val)
     if perm is not None:
@@ -114,7 +114,8 @@ def _(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
 def linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> x W_layerᵀ [..., out] through torch.ops.spqr.linear (bias not added).
 
-    The op's shape argument is [in_features, out_features, wbits, beta1, beta2, qq_bits (0: fp16 statistics)].
+    The op's shape argument is [in_features, out_features, wbits, beta1, beta2, qq_bits (0: plain statistics,
+    fp16 or fp32 as the tensors say)].
     """
     shape = [spec.in_features, spec.out_features, spec.wbits, spec.beta1, spec.beta2, spec.qq_bits or 0]
     return torch.ops.spqr.linear(x, t["qweight"], [t[name] for name in stat_names(spec)], t.get("perm"),

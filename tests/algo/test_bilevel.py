@@ -28,7 +28,7 @@ def test_round_trip_error_within_half_second_level_step(qq_bits, rows, beta2):
     values = _stat_values(rows, seed=rows * 10 + qq_bits)
     stat = quantize_stat(values, qq_bits, beta2)
     n_groups = -(-rows // beta2)
-    assert stat.fp16_values is None
+    assert stat.values is None
     assert stat.codes.dtype == torch.uint8 and stat.codes.shape == (rows,)
     assert stat.second_scale.dtype == stat.second_zero.dtype == torch.float16
     assert stat.second_scale.shape == stat.second_zero.shape == (n_groups,)
@@ -61,8 +61,8 @@ def test_fp16_mode_stores_values_in_half_precision():
     values = _stat_values(30, seed=1) * 1000
     stat = quantize_stat(values, None, 16)
     assert stat.codes is None and stat.second_scale is None and stat.second_zero is None
-    assert stat.fp16_values.dtype == torch.float16
-    assert torch.equal(stat.fp16_values, values.half())
+    assert stat.values.dtype == torch.float16
+    assert torch.equal(stat.values, values.half())
     recon = dequantize_stat(stat, 16)
     assert recon.dtype == torch.float32
     assert torch.equal(recon, values.half().float())
@@ -110,7 +110,7 @@ def test_fit_group_stats_returns_exactly_what_is_stored(qq_bits, rows):
     s1 = (hi - lo) / (2**wbits - 1)
     z1 = -lo / s1
     if qq_bits is None:
-        assert torch.equal(stats.stored_scale.fp16_values, s1.half())
+        assert torch.equal(stats.stored_scale.values, s1.half())
         assert torch.allclose(stats.zero, z1.half().float(), atol=1e-3)
     else:
         assert torch.allclose(stats.scale, ref_second_level(s1, qq_bits, beta2), atol=1e-6)

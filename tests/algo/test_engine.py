@@ -220,7 +220,7 @@ def test_ragged_shapes_and_statistics_layout():
     for stat in (qw.scale, qw.zero):
         assert stat.codes.shape == (4, 37)
         assert stat.second_scale.shape == stat.second_zero.shape == (4, 3)
-        assert stat.fp16_values is None
+        assert stat.values is None
     assert qw.outlier_mask.shape == qw.outlier_delta.shape == (37, 50)
     assert qw.outlier_delta.dtype == torch.float16
     # the stored form decodes to the engine's weights (in permuted column order)
@@ -244,7 +244,7 @@ def test_matrices_sharing_a_hessian_equal_quantizing_them_alone(config):
         assert torch.equal(joint.outlier_mask, alone.outlier_mask)
         assert torch.equal(joint.outlier_delta, alone.outlier_delta)
         for a, b in ((joint.scale, alone.scale), (joint.zero, alone.zero)):
-            for name in ("codes", "second_scale", "second_zero", "fp16_values"):
+            for name in ("codes", "second_scale", "second_zero", "values"):
                 x, y = getattr(a, name), getattr(b, name)
                 assert (x is None and y is None) or torch.equal(x, y), name
         assert joint.relative_error == pytest.approx(alone.relative_error, rel=1e-6)

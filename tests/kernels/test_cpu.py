@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -114,6 +115,19 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
     layer = PackedLinear(spec, t)
     for rows in (1, 40):
         _check(layer, kern, rows, scale=1 / magnitude)
+
+
+def test_fp32_statistics_take_the_reference_path(kern):
+    """Plain fp32 statistics (the reference implementation's baselines): the op decodes them exactly; the C
+    kernels, which read fp16, refuse them rather than misread them."""
+    layer = random_packed_layer(40, 64, 4, 16, 16, None, 0.0, seed=7)
+    spec = dataclasses.replace(layer.spec, stats_dtype="float32")
+    t = {**layer.tensors, "scale": layer.tensors["scale"].float() * 1.0001, "zero": layer.tensors["zero"].float()}
+    x = torch.randn(3, 64)
+    assert torch.equal(kernels.linear(spec, t, x), kernels.reference_linear(spec, t, x))
+    assert torch.equal(kernels.cpu_linear(spec, t, x, kern), kernels.reference_linear(spec, t, x))
+    with pytest.raises(ValueError, match="fp16 or bilevel statistics"):
+        kern.matmul(spec, t, x)
 
 
 def test_input_shapes(kern):
