@@ -17,7 +17,7 @@ from spqr.nn import SpQRLinear
 @pytest.mark.parametrize("amx_for_all_layers", [False, True])  # True: every >8-row call on AMX, where present
 def test_spqr_linear_kernels_match_reference(quantized_llama, monkeypatch, amx_for_all_layers):
     if amx_for_all_layers:
-        monkeypatch.setattr(cpu, "AMX_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(cpu, "AMX_MIN_OUT_FEATURES", 0)
     _, _, checkpoint = quantized_llama
     model = load_quantized(checkpoint)
     layers = [m for m in model.modules() if isinstance(m, SpQRLinear)]

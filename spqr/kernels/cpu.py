@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c")]
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
-AMX_MIN_WEIGHTS = 2**21  # measured: 576x576 and 576x1536 layers run faster through gemm (1536x576 does not: AMX
-# 1.02x MKL vs 0.94x, a weight count does not capture it), 4096x4096 ones 1.1-1.3x faster on AMX
+AMX_MIN_OUT_FEATURES = 1024  # measured (256 rows, 1.8% outliers), AMX vs gemm as a multiple of MKL fp32: 576x576 0.63
+# vs 0.80, 192x576 0.42 vs 0.69, 576x1536 0.75 vs 0.86; 1024x1024 0.98 vs 0.86, 1536x576 1.04 vs 0.93, 4096x1024 1.18
+# vs 0.96. AMX's fixed cost is preparing X (per row and input feature), so it pays off with enough output rows.
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
@@ -82,7 +83,7 @@ class CpuKernels:
 
         path "auto": up to gemv_max_rows rows go through the matrix-vector kernel one by one (measured
         crossover on a 2-core AVX-512 machine: 8-12 rows), more through AMX where available and the layer
-        has at least AMX_MIN_WEIGHTS weights (below that its fixed costs lose to `gemm`), else `gemm`.
+        has at least AMX_MIN_OUT_FEATURES outputs (below that its fixed costs lose to `gemm`), else `gemm`.
         """
         if path != "auto" and path not in self.PATHS:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
@@ -95,8 +96,8 @@ class CpuKernels:
         y = torch.empty(rows, n) if x.dim() == 2 else torch.empty((*x.shape[:-1], n))
         x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
         if path == "auto":
-            big = k * n >= AMX_MIN_WEIGHTS
-            path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx and big else "gemm"
+            wide = n >= AMX_MIN_OUT_FEATURES
+            path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx and wide else "gemm"
         if path == "gemv":
             for i in range(rows):
                 if self._gemv(layer, x_ptr + 4 * i * k, y_ptr + 4 * i * n, threads):
