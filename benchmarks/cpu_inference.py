@@ -214,19 +214,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "smollm2", "llama", "memory"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "smollm2", "llama", "memory"],
+                        help="sections not to run; their results in an existing --out file are kept")
     parser.add_argument("--out", type=Path, default=Path("results/cpu_inference.json"))
     args = parser.parse_args()
     if not args.checkpoint.is_dir() and not {"smollm2", "memory"} <= set(args.skip):
         sys.exit(f"checkpoint {args.checkpoint} not found: run `bash scripts/quickstart.sh` first or pass --checkpoint")
     embeddings_checkpoints = {bits: Path(args.embeddings_checkpoints.format(bits=bits)) for bits in (5, 6)}
     kernels = cpu.load()
-    result: dict = {"machine": {"threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
+    previous = json.loads(args.out.read_text()) if args.skip and args.out.exists() else {}
+    result: dict = {**previous, "machine": {"threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
                                 "avx512": bool(kernels and kernels.has_avx512),
                                 "amx": bool(kernels and kernels.has_amx),
                                 "read_bandwidth_gbs": memory_bandwidth_gbs()}}
     log(f"read bandwidth {result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
-    start = time.time()
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
                                                    args.head_checkpoint, embeddings_checkpoints),
@@ -236,8 +237,9 @@ def main() -> None:
     for name, run in sections.items():
         if name.removeprefix("synthetic_") in args.skip:
             continue
+        section_start = time.time()
         result[name] = run()
-        result["seconds"] = time.time() - start
+        result.setdefault("section_seconds", {})[name] = time.time() - section_start
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: a crash keeps the rest
     log(f"wrote {args.out}")
 

@@ -64,7 +64,7 @@ def _copies(make: Callable[[], object], nbytes: int, cold: bool, pool_bytes: int
 
 def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: int = 3, beta1: int = 16,
                        beta2: int = 16, outlier_share: float = 0.01, cold: bool = True, repeats: int = 20,
-                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 3,
+                       baselines: tuple[torch.dtype, ...] = (torch.float16, torch.float32), rounds: int = 4,
                        device: str = "cpu", cpu_paths: tuple[str, ...] = (), warmup: int = 10) -> dict:
     """Time y = x Wᵀ (x [rows, in]) through SpQRLinear and through F.linear in each baseline dtype.
 
@@ -73,9 +73,11 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
     cpu_paths: also time these paths of the CPU kernels (e.g. "gemm": the AVX-512 kernel where AMX is the default).
 
     The candidates take turns for `rounds` rounds of `warmup` untimed and `repeats` timed calls, so that a
-    slow phase of a noisy machine hits them alike; each time is the median of all its timed calls. (On the
-    2-core development machine a candidate's first ~8 calls after another's run up to 25% slower, the
-    fp32 baseline's too: hence 10 untimed calls.) On a GPU (device="cuda") the
+    slow phase of a noisy machine hits them alike, each round starting one candidate further on (so that
+    none always runs right after the same other); each time is the median of its rounds' medians. (On the
+    2-core development machine a candidate's first ~8 calls after another's run up to 25% slower, hence
+    10 untimed calls; and a matrix-vector candidate running right after torch's fp32 one ran ~4% slower
+    throughout, hence the rotation.) On a GPU (device="cuda") the
     cold pool is sized from its L2 cache.
     """
     on_gpu = torch.device(device).type == "cuda"
@@ -102,9 +104,10 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
         xd = x.to(dtype)
         candidates[name] = lambda i, w=weights, xd=xd: F.linear(xd, w[i % len(w)])
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            times[name].append(median_seconds(fn, repeats, warmup=warmup, device=device))
+    names = list(candidates)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(median_seconds(candidates[name], repeats, warmup=warmup, device=device))
     seconds = {name: statistics.median(t) for name, t in times.items()}
     result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
               "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
