@@ -143,6 +143,7 @@ class CpuKernels:
 def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
     if not spec.kernel_friendly:
         raise ValueError(f"the CPU kernels take beta1 a multiple of 16 and fp16 or bilevel statistics, not {spec}")
+
     def ptr(name: str) -> int | None:
         tensor = t.get(name)
         if tensor is None:

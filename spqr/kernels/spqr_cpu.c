@@ -185,6 +185,18 @@ static inline __attribute__((always_inline)) __m512 group_scale(const spqr_layer
     return scale;
 }
 
+/* group_scale for group g of each of the NT tiles from row r0 (scale[t], zero_term[t]; coef: NT x coef_len). */
+static inline __attribute__((always_inline)) void tiles_group_scale(const spqr_layer *L, const tile_cursor *cursor,
+                                                                    const float *coef, int64_t coef_len,
+                                                                    const float *group_sums, int64_t g, int64_t r0,
+                                                                    int64_t n_groups, __m512 *zero_term, __m512 *scale,
+                                                                    const int NT, const int QQ) {
+#pragma GCC unroll 2
+    for (int t = 0; t < NT; t++)
+        scale[t] = group_scale(L, &cursor[t], coef + t * coef_len, group_sums, g, r0 + t * TILE, n_groups,
+                               &zero_term[t], QQ);
+}
+
 /* NT (1 or 2) full 16-row tiles from row r0 with WB bits per code (NT, WB, QQ compile-time constants after inlining),
  * by table lookup (half_dot) over the 16-column halves of each 32-column chunk. Two tiles go chunk by chunk side by
  * side: the hardware prefetcher then follows two weight streams, and each table load serves both (measured with
@@ -200,20 +212,21 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
     __m512 acc0[2], acc1[2], zero_term[2], scale[2];
     const char *outlier_cols[2], *outlier_vals[2]; /* a tile's outliers, read at its end (outlier_dot) */
     int64_t outlier_col_bytes[2], outlier_val_bytes[2];
+    const int64_t col_bytes = L->outlier_col_int32 ? 4 : 2;
 #pragma GCC unroll 2
     for (int t = 0; t < NT; t++) {
         const int64_t rt = r0 + t * TILE, p0 = L->row_ptr[rt], nnz = L->row_ptr[rt + TILE] - p0;
         tile[t] = L->qweight + (rt / TILE) * n_chunks * WB * TILE;
         cursor[t] = tile_cursor_at(L, rt);
         if (cursor[t].mode == 1) prefetch_next_second_level(L, rt, n_groups);
-        outlier_cols[t] = (const char *)L->outlier_col + p0 * (L->outlier_col_int32 ? 4 : 2);
+        outlier_cols[t] = (const char *)L->outlier_col + p0 * col_bytes;
         outlier_vals[t] = (const char *)(L->outlier_val + p0);
-        outlier_col_bytes[t] = nnz * (L->outlier_col_int32 ? 4 : 2);
+        outlier_col_bytes[t] = nnz * col_bytes;
         outlier_val_bytes[t] = nnz * 2;
         if (cursor[t].mode == 1) bilevel_coefficients(L, rt, group_sums, coef + t * coef_len);
         acc0[t] = acc1[t] = zero_term[t] = _mm512_setzero_ps();
-        scale[t] = group_scale(L, &cursor[t], coef + t * coef_len, group_sums, 0, rt, n_groups, &zero_term[t], QQ);
     }
+    tiles_group_scale(L, cursor, coef, coef_len, group_sums, 0, r0, n_groups, zero_term, scale, NT, QQ);
     int64_t g = 0, halves_left = halves_per_group; /* group g has halves_left halves to go */
     for (int64_t c = 0; c < n_chunks; c++) {
         /* Prefetches, measured with the weights not in cache: into L1 (20% faster), further ahead into L2 (2-4% more),
@@ -240,22 +253,14 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
         if (32 * c + 16 >= K) break;
         if (--halves_left == 0) {
             halves_left = halves_per_group;
-            g++;
-#pragma GCC unroll 2
-            for (int t = 0; t < NT; t++)
-                scale[t] = group_scale(L, &cursor[t], coef + t * coef_len, group_sums, g, r0 + t * TILE, n_groups,
-                                       &zero_term[t], QQ);
+            tiles_group_scale(L, cursor, coef, coef_len, group_sums, ++g, r0, n_groups, zero_term, scale, NT, QQ);
         }
 #pragma GCC unroll 2
         for (int t = 0; t < NT; t++)
             acc1[t] = _mm512_fmadd_ps(half_dot(tile[t] + c * WB * TILE, table + 64, 1, WB), scale[t], acc1[t]);
         if (--halves_left == 0 && 32 * c + 32 < K) {
             halves_left = halves_per_group;
-            g++;
-#pragma GCC unroll 2
-            for (int t = 0; t < NT; t++)
-                scale[t] = group_scale(L, &cursor[t], coef + t * coef_len, group_sums, g, r0 + t * TILE, n_groups,
-                                       &zero_term[t], QQ);
+            tiles_group_scale(L, cursor, coef, coef_len, group_sums, ++g, r0, n_groups, zero_term, scale, NT, QQ);
         }
     }
     for (int t = 0; t < NT; t++) {
