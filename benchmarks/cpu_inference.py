@@ -32,6 +32,7 @@ import torch
 from spqr.bench import (
     SYNTHETIC_LLAMA,
     bench_linear_shape,
+    cpu_model,
     memory_bandwidth_gbs,
     replace_with_random_spqr,
     synthetic_llama,
@@ -223,11 +224,12 @@ def main() -> None:
     embeddings_checkpoints = {bits: Path(args.embeddings_checkpoints.format(bits=bits)) for bits in (5, 6)}
     kernels = cpu.load()
     previous = json.loads(args.out.read_text()) if args.skip and args.out.exists() else {}
-    result: dict = {**previous, "machine": {"threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
-                                "avx512": bool(kernels and kernels.has_avx512),
-                                "amx": bool(kernels and kernels.has_amx),
-                                "read_bandwidth_gbs": memory_bandwidth_gbs()}}
-    log(f"read bandwidth {result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
+    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
+               "avx512": bool(kernels and kernels.has_avx512), "amx": bool(kernels and kernels.has_amx),
+               "read_bandwidth_gbs": memory_bandwidth_gbs()}
+    result: dict = {**previous, "machine": machine}
+    log(f"{result['machine']['cpu']}, {result['machine']['threads']} threads, read bandwidth "
+        f"{result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
                                                    args.head_checkpoint, embeddings_checkpoints),

@@ -8,6 +8,7 @@ weights are read once per token. Used by `spqr bench` and benchmarks/cpu_inferen
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +46,16 @@ def last_level_cache_bytes() -> int:
         scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
         sizes.append(int(text.rstrip("KMG")) * scale)
     return max(sizes, default=64 * 2**20)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or platform.processor() elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def memory_bandwidth_gbs(size_bytes: int = 2**30, device: str = "cpu") -> float:
