@@ -54,7 +54,7 @@ class LayerStruct(ctypes.Structure):
 class CpuKernels:
     """The loaded library; `matmul` computes x W_permᵀ from a layer's packed tensors.
 
-    Three paths: `gemv` (one row at a time, table lookup), `gemm` (AVX-512 FMA on decoded tiles) and
+    Three paths: `gemv` (table lookup, for a few rows), `gemm` (AVX-512 FMA on decoded tiles) and
     `amx` (the AMX tile unit with x split into three exact bf16 parts; Sapphire Rapids and later, Linux).
     SPQR_AMX=0 disables the last.
     """
@@ -67,7 +67,7 @@ class CpuKernels:
         self.has_amx = os.environ.get("SPQR_AMX", "1") != "0" and bool(lib.spqr_amx_enable())
         signature = [ctypes.POINTER(LayerStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._gemv = lib.spqr_gemv
-        self._gemv.argtypes = [ctypes.POINTER(LayerStruct), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        self._gemv.argtypes = signature
         self._gemv.restype = ctypes.c_int
         self._gemm = lib.spqr_gemm
         self._gemm.argtypes = signature  # (layer, rows, x, y, threads)
@@ -81,9 +81,10 @@ class CpuKernels:
                gemv_max_rows: int = 8) -> torch.Tensor:
         """x [..., in] fp32 contiguous (original column order) -> [..., out] fp32 (bias not added).
 
-        path "auto": up to gemv_max_rows rows go through the matrix-vector kernel one by one (measured
-        crossover on a 2-core AVX-512 machine: 8-12 rows), more through AMX where available and the layer
-        has at least AMX_MIN_OUT_FEATURES outputs (below that its fixed costs lose to `gemm`), else `gemm`.
+        path "auto": up to gemv_max_rows rows go through the matrix-vector kernel (measured crossover on
+        2-core AVX-512 machines: 8-12 rows on the Xeon, 9-14 on the EPYC), more through AMX where available
+        and the layer has at least AMX_MIN_OUT_FEATURES outputs (below that its fixed costs lose to `gemm`),
+        else `gemm`.
         """
         if path != "auto" and path not in self.PATHS:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
@@ -99,9 +100,8 @@ class CpuKernels:
             wide = n >= AMX_MIN_OUT_FEATURES
             path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx and wide else "gemm"
         if path == "gemv":
-            for i in range(rows):
-                if self._gemv(layer, x_ptr + 4 * i * k, y_ptr + 4 * i * n, threads):
-                    raise MemoryError("spqr_gemv could not allocate its workspace")
+            if self._gemv(layer, rows, x_ptr, y_ptr, threads):
+                raise MemoryError("spqr_gemv could not allocate its workspace")
             return y
         if path == "amx":
             if not self.has_amx:

@@ -143,6 +143,18 @@ def test_input_shapes(kern):
         kern.matmul(layer.spec, layer.tensors, torch.randn(4, 63))
 
 
+@pytest.mark.parametrize("out_features,beta2,qq_bits", [(80, 16, 3), (37, 16, 3), (64, 7, 3), (48, 16, None)])
+def test_matrix_vector_rows_do_not_depend_on_the_batch(kern, out_features, beta2, qq_bits):
+    """The matrix-vector kernel takes several rows in one call (each tile pair runs over all of them): every row's
+    result must be bit-identical to that row alone, so batched and single-sequence decoding agree."""
+    layer = random_packed_layer(out_features, 96, 3, 16, beta2, qq_bits, 0.03, seed=out_features)
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(1))
+    alone = torch.stack([kern.matmul(layer.spec, layer.tensors, x[i], path="gemv") for i in range(9)])
+    for rows in range(2, 10):
+        assert torch.equal(kern.matmul(layer.spec, layer.tensors, x[:rows], path="gemv"), alone[:rows]), rows
+    _assert_exact_within_fp32(layer, x, alone, "gemv")
+
+
 @pytest.mark.parametrize("perm", [True, False])
 def test_matrix_kernel_decodes_bit_exactly(kern, perm):
     """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit.
