@@ -369,7 +369,8 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
         float *coef = use_lut ? (float *)(own + M * lut_bytes) : NULL;
 #if SPQR_AVX512
         if (use_lut)
-            for (int64_t m = 0; m < M; m++) build_lut((float *)(ws.ptr + m * row_bytes) + n_groups, K, (float *)(own + m * lut_bytes));
+            for (int64_t m = 0; m < M; m++)
+                build_lut((const float *)(ws.ptr + m * row_bytes) + n_groups, K, (float *)(own + m * lut_bytes));
 #endif
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < ceil_div(n_tiles, 2); pair++) { /* tiles 2 pair and 2 pair + 1 */
