@@ -228,8 +228,8 @@ def main() -> None:
                "avx512": bool(kernels and kernels.has_avx512), "amx": bool(kernels and kernels.has_amx),
                "read_bandwidth_gbs": memory_bandwidth_gbs()}
     result: dict = {**previous, "machine": machine}
-    log(f"{result['machine']['cpu']}, {result['machine']['threads']} threads, read bandwidth "
-        f"{result['machine']['read_bandwidth_gbs']:.1f} GB/s, kernels {result['machine']['kernels']}")
+    log(f"{machine['cpu']}, {machine['threads']} threads, read bandwidth {machine['read_bandwidth_gbs']:.1f} GB/s, "
+        f"kernels {machine['kernels']}")
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
                                                    args.head_checkpoint, embeddings_checkpoints),
