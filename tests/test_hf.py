@@ -84,6 +84,9 @@ def test_round_trip_is_exact(tmp_path, tokenizer, arch):
     assert not loaded.training
     assert torch.equal(_logits(loaded), _logits(model))
     _assert_same_layers(model, loaded)
+    # the loaded layers' tensors are views into one mapping (place_packed_tensors): saved again, the same checkpoint
+    again = save_quantized(loaded, tmp_path / "again", config.to_dict())
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_round_trip_llama_and_load_model_dispatch(quantized_llama, tokenizer):

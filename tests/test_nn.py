@@ -1,0 +1,42 @@
+"""spqr.nn: placing the packed tensors of a model's SpQRLinear layers in one mapping."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spqr.format.synthetic import random_packed_layer
+from spqr.nn import SpQRLinear, place_packed_tensors
+
+
+def _model() -> nn.Module:
+    layers = [random_packed_layer(out, inp, wbits, 16, 16, 3, share, seed=seed)
+              for seed, (out, inp, wbits, share) in enumerate([(48, 64, 3, 0.02), (33, 48, 4, 0.0), (64, 33, 2, 0.1)])]
+    model = nn.Sequential(*(SpQRLinear.from_packed(layer) for layer in layers))
+    model[1].bias = nn.Parameter(torch.randn(33), requires_grad=False)
+    return model
+
+
+def test_placed_tensors_are_equal_aligned_views_of_one_mapping():
+    model = _model()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    x = torch.randn(3, 64)
+    expected = model(x)
+    bias = model[1].bias
+    placed = place_packed_tensors(model)
+    buffers = [t for layer in model for t in layer._buffers.values()]
+    assert placed >= sum(t.numel() * t.element_size() for t in buffers)
+    assert len({t.untyped_storage().data_ptr() for t in buffers}) == 1, "one mapping holds every packed tensor"
+    assert all(t.data_ptr() % 64 == 0 for t in buffers if t.numel())
+    assert model[1].bias is bias, "parameters stay where they are"
+    assert {name: t for name, t in model.state_dict().items()}.keys() == before.keys()
+    for name, t in model.state_dict().items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    assert torch.equal(model(x), expected)
+    model[0].qweight.zero_()  # each view is its own memory: writing one leaves the others alone
+    assert torch.equal(model[1].qweight, before["1.qweight"])
+
+
+def test_nothing_to_place():
+    assert place_packed_tensors(nn.Linear(4, 4)) == 0
+    assert place_packed_tensors(_model().to("meta")) == 0, "only tensors on the CPU are placed"
