@@ -58,25 +58,54 @@ void spqr_release_workspace(void) {
 /* ---------------------------------------------------------------------------------------------- */
 /* Below, x is always in the sweep's column order (x_perm); the entry points gather it. */
 
-/* sum over row r's outliers of delta * x[col] */
-static float outlier_dot(const spqr_layer *L, int64_t r, const float *x) {
-    int32_t p = L->row_ptr[r];
-    const int32_t end = L->row_ptr[r + 1];
-    float acc = 0.0f;
 #if SPQR_AVX512
-    __m512 vacc = _mm512_setzero_ps();
-    for (; p < end; p += 16) {
+/* Row r's outlier products delta * x[col], summed lanewise (their lanes' total is the row's outlier term). */
+static inline __m512 outlier_products(const spqr_layer *L, int64_t r, const float *x) {
+    const int32_t end = L->row_ptr[r + 1];
+    __m512 acc = _mm512_setzero_ps();
+    for (int32_t p = L->row_ptr[r]; p < end; p += 16) {
         const __mmask16 k = end - p >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - p)) - 1u);
         const __m512i cols = L->outlier_col_int32
             ? _mm512_maskz_loadu_epi32(k, (const int32_t *)L->outlier_col + p)
             : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, (const int16_t *)L->outlier_col + p));
         const __m512 vals = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, L->outlier_val + p));
-        vacc = _mm512_fmadd_ps(vals, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, cols, x, 4), vacc);
+        acc = _mm512_fmadd_ps(vals, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, cols, x, 4), acc);
     }
-    acc = _mm512_reduce_add_ps(vacc);
-#endif
-    for (; p < end; p++) acc += half_to_float(L->outlier_val[p]) * x[outlier_col(L, p)];
     return acc;
+}
+
+/* Lane i = the sum of the lanes of v[i], by a transposing tree: 45 operations instead of 16 reductions of ~8. */
+static inline __m512 sum_lanes16(const __m512 *v) {
+    __m512 s1[8], s2[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1] */
+        s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: that lane's sums of v[4i .. 4i+3] */
+        const __m512d c = _mm512_castps_pd(s1[2 * i]), d = _mm512_castps_pd(s1[2 * i + 1]);
+        s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+    }
+    const __m512 t0 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88), _mm512_shuffle_f32x4(s2[0], s2[1], 0xDD));
+    const __m512 t1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88), _mm512_shuffle_f32x4(s2[2], s2[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(t0, t1, 0x88), _mm512_shuffle_f32x4(t0, t1, 0xDD));
+}
+
+/* Lane i = the outlier term of row r0 + i of a full 16-row tile (~1% faster than 16 outlier_dot calls). */
+static inline __m512 tile_outlier_dots(const spqr_layer *L, int64_t r0, const float *x) {
+    __m512 products[TILE];
+    for (int i = 0; i < TILE; i++) products[i] = outlier_products(L, r0 + i, x);
+    return sum_lanes16(products);
+}
+#endif
+
+/* sum over row r's outliers of delta * x[col] */
+static float outlier_dot(const spqr_layer *L, int64_t r, const float *x) {
+#if SPQR_AVX512
+    return _mm512_reduce_add_ps(outlier_products(L, r, x));
+#else
+    float acc = 0.0f;
+    for (int32_t p = L->row_ptr[r]; p < L->row_ptr[r + 1]; p++)
+        acc += half_to_float(L->outlier_val[p]) * x[outlier_col(L, p)];
+    return acc;
+#endif
 }
 
 /* Plain path for any tile: decode one row at a time. */
@@ -263,11 +292,9 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
             tiles_group_scale(L, cursor, coef, coef_len, group_sums, ++g, r0, n_groups, zero_term, scale, NT, QQ);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        float result[TILE];
-        _mm512_storeu_ps(result, _mm512_sub_ps(_mm512_add_ps(acc0[t], acc1[t]), zero_term[t]));
-        for (int i = 0; i < TILE; i++) y[r0 + t * TILE + i] = result[i] + outlier_dot(L, r0 + t * TILE + i, x);
-    }
+    for (int t = 0; t < NT; t++)
+        _mm512_storeu_ps(y + r0 + t * TILE, _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0[t], acc1[t]), zero_term[t]),
+                                                          tile_outlier_dots(L, r0 + t * TILE, x)));
 }
 
 /* gemv_tiles with the layer's wbits, and qq_bits == 3 as a constant (NT a compile-time constant at each call). */
