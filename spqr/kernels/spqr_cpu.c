@@ -149,11 +149,11 @@ static void bilevel_coefficients(const spqr_layer *L, int64_t r0, const float *g
     }
 }
 
-/* Ask early for the next tile's second-level statistics (bilevel, with beta2 | 16), read at its start (measured with
- * cold caches, together with the outliers' prefetch: 4-5% faster). */
-static inline void prefetch_next_second_level(const spqr_layer *L, int64_t r0, int64_t n_groups) {
-    if (r0 + 2 * TILE > L->out_features || (r0 + TILE) % L->beta2) return; /* none, or already read */
-    const int64_t s2 = ((r0 + TILE) / L->beta2) * n_groups;
+/* Ask early for the second-level statistics of the tile at row r (bilevel, with beta2 | 16), read at its start
+ * (measured with cold caches, together with the outliers' prefetch: 4-5% faster). */
+static inline void prefetch_second_level(const spqr_layer *L, int64_t r, int64_t n_groups) {
+    if (r + TILE > L->out_features || r % L->beta2) return; /* none, or read with an earlier tile's */
+    const int64_t s2 = (r / L->beta2) * n_groups;
     const uint16_t *second[4] = {L->scale_scale + s2, L->scale_zero + s2, L->zero_scale + s2, L->zero_zero + s2};
     for (int a = 0; a < 4; a++)
         for (int64_t g = 0; g < n_groups; g += 32) _mm_prefetch((const char *)(second[a] + g), _MM_HINT_T0);
@@ -236,6 +236,7 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
                                                              int64_t r0, const int NT, const int WB, const int QQ) {
     const int64_t K = L->in_features, n_chunks = ceil_div(K, 32), halves_per_group = L->beta1 / 16;
     const int64_t n_groups = ceil_div(K, L->beta1), coef_len = (2 * L->qq_bits + 2) * n_groups;
+    const int64_t chunk_words = WB * TILE, tile_words = n_chunks * chunk_words;
     const int32_t *tile[2];
     tile_cursor cursor[2];
     __m512 acc0[2], acc1[2], zero_term[2], scale[2];
@@ -245,9 +246,9 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
 #pragma GCC unroll 2
     for (int t = 0; t < NT; t++) {
         const int64_t rt = r0 + t * TILE, p0 = L->row_ptr[rt], nnz = L->row_ptr[rt + TILE] - p0;
-        tile[t] = L->qweight + (rt / TILE) * n_chunks * WB * TILE;
+        tile[t] = L->qweight + (rt / TILE) * tile_words;
         cursor[t] = tile_cursor_at(L, rt);
-        if (cursor[t].mode == 1) prefetch_next_second_level(L, rt, n_groups);
+        if (cursor[t].mode == 1) prefetch_second_level(L, rt + NT * TILE, n_groups); /* this slot's next tile */
         outlier_cols[t] = (const char *)L->outlier_col + p0 * col_bytes;
         outlier_vals[t] = (const char *)(L->outlier_val + p0);
         outlier_col_bytes[t] = nnz * col_bytes;
@@ -263,10 +264,14 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
          * tile's outliers a cache line per chunk into L2 (2-4% more than asking for them all at the tile's start) */
 #pragma GCC unroll 2
         for (int t = 0; t < NT; t++) {
-            const int32_t *planes = tile[t] + c * WB * TILE;
+            /* past the tile's end a stream goes on into this slot's next tile (the pair's other tile lies between) */
+            const int32_t *near = tile[t] + (c + PREFETCH_NEAR) * chunk_words +
+                                  (c + PREFETCH_NEAR >= n_chunks ? (NT - 1) * tile_words : 0);
+            const int32_t *far = tile[t] + (c + PREFETCH_FAR) * chunk_words +
+                                 (c + PREFETCH_FAR >= n_chunks ? (NT - 1) * tile_words : 0);
             for (int b = 0; b < WB; b++) {
-                _mm_prefetch((const char *)(planes + PREFETCH_NEAR * WB * TILE + b * TILE), _MM_HINT_T0);
-                _mm_prefetch((const char *)(planes + PREFETCH_FAR * WB * TILE + b * TILE), _MM_HINT_T2);
+                _mm_prefetch((const char *)(near + b * TILE), _MM_HINT_T0);
+                _mm_prefetch((const char *)(far + b * TILE), _MM_HINT_T2);
             }
             if (64 * c <= outlier_col_bytes[t]) _mm_prefetch(outlier_cols[t] + 64 * c, _MM_HINT_T1);
             if (64 * c <= outlier_val_bytes[t]) _mm_prefetch(outlier_vals[t] + 64 * c, _MM_HINT_T1);
