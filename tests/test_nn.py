@@ -1,12 +1,13 @@
-"""spqr.nn: placing the packed tensors of a model's SpQRLinear layers in one mapping."""
+"""spqr.nn: placing the packed tensors of SpQRLinear layers in one mapping (PackedArena)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from spqr.format.synthetic import random_packed_layer
-from spqr.nn import SpQRLinear, place_packed_tensors
+from spqr.nn import PackedArena, SpQRLinear, place_packed_tensors
 
 
 def _model() -> nn.Module:
@@ -40,3 +41,13 @@ def test_placed_tensors_are_equal_aligned_views_of_one_mapping():
 def test_nothing_to_place():
     assert place_packed_tensors(nn.Linear(4, 4)) == 0
     assert place_packed_tensors(_model().to("meta")) == 0, "only tensors on the CPU are placed"
+
+
+def test_arena_refuses_more_than_it_holds():
+    arena = PackedArena(128)
+    first = arena.place(torch.arange(10, dtype=torch.int16))  # 20 bytes take a 64-byte slot
+    second = arena.place(torch.ones(16))
+    assert first.tolist() == list(range(10)) and second.tolist() == [1.0] * 16
+    assert second.data_ptr() - first.data_ptr() == 64
+    with pytest.raises(ValueError, match="the arena has 0 bytes left, the tensor needs 4"):
+        arena.place(torch.ones(1))
