@@ -34,6 +34,7 @@ class SpQRLinear(nn.Module):
                 self.register_buffer(name, tensor)
         bias = tensors.get("bias")
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._kernel_cache = kernels.cpu.LayerCache()  # the C kernels' view of the tensors above
 
     def _apply(self, fn, recurse=True):
         """Moves follow `fn`, casts do not: model.to(torch.bfloat16) or .half() must leave the packed
@@ -70,7 +71,7 @@ class SpQRLinear(nn.Module):
         if type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling():
             # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call);
             # tracing, torch.compile and other devices go through the registered op
-            y = kernels.cpu_linear(self.spec, self._buffers, x)
+            y = kernels.cpu_linear(self.spec, self._buffers, x, cache=self._kernel_cache)
         else:
             y = kernels.linear(self.spec, self._buffers, x)
         return y if bias is None else y + bias

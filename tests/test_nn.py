@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -51,3 +54,22 @@ def test_arena_refuses_more_than_it_holds():
     assert second.data_ptr() - first.data_ptr() == 64
     with pytest.raises(ValueError, match="the arena has 0 bytes left, the tensor needs 4"):
         arena.place(torch.ones(1))
+
+
+def test_kernel_view_follows_the_modules_tensors():
+    model = _model()
+    x = torch.randn(3, 64)
+    expected = model(x)  # each layer now keeps its kernel view (LayerCache)
+    copied = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    for layer in model:
+        layer.qweight.zero_()  # in place: a copy that computed from the original's memory would see it
+    assert torch.equal(copied(x), expected), "a copy must not compute from the original's memory"
+    assert torch.equal(restored(x), expected)
+    layer = copied[0]
+    before = layer(x)
+    layer.qweight = torch.zeros_like(layer.qweight)  # a new tensor object: the layer makes a new view
+    after = layer(x)
+    layer.use_reference = True
+    torch.testing.assert_close(after, layer(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)

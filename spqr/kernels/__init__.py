@@ -36,13 +36,14 @@ def reference_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tenso
 
 
 def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
-               kernels: cpu.CpuKernels | None = None) -> torch.Tensor:
-    """x [..., in] (CPU) -> [..., out] in x's dtype through the C kernels, computing in fp32."""
+               kernels: cpu.CpuKernels | None = None, cache: cpu.LayerCache | None = None) -> torch.Tensor:
+    """x [..., in] (CPU) -> [..., out] in x's dtype through the C kernels, computing in fp32 (cache: the calling
+    module's cpu.LayerCache)."""
     kernels = kernels or cpu.load()
     if kernels is None or not spec.kernel_friendly:
         return reference_linear(spec, t, x)
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    y = kernels.matmul(spec, t, x32)
+    y = kernels.matmul(spec, t, x32, cache=cache)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 

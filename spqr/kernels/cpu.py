@@ -13,6 +13,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import operator
 import os
 import platform
 import shutil
@@ -51,6 +52,23 @@ class LayerStruct(ctypes.Structure):
         ("perm_int32", ctypes.c_int64)]
 
 
+class LayerCache:
+    """The C view of one layer, kept by the module it belongs to (SpQRLinear) with the tensor objects it was
+    made from, so that a call checks only that the module still holds those very objects (the shared cache of
+    CpuKernels reads every tensor's address: ~1.5 us more per call, more with cold caches). New tensors (after
+    .to(), load_state_dict(assign=True), place_packed_tensors) make a new view; replacing a buffer's storage in
+    place (`tensor.data = ...`, `set_`) is not supported. Copies and pickles start empty: a copied view would
+    point at the original's memory."""
+
+    __slots__ = ("spec", "tensors", "layer")
+
+    def __init__(self):
+        self.spec, self.tensors, self.layer = None, (), None
+
+    def __reduce__(self):  # copy, deepcopy and pickle alike
+        return LayerCache, ()
+
+
 class CpuKernels:
     """The loaded library; `matmul` computes x W_permᵀ from a layer's packed tensors.
 
@@ -78,8 +96,10 @@ class CpuKernels:
         self._layers: dict[tuple, tuple[LayerSpec, LayerStruct]] = {}
 
     def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor, path: str = "auto",
-               gemv_max_rows: int = 8) -> torch.Tensor:
+               gemv_max_rows: int = 8, cache: LayerCache | None = None) -> torch.Tensor:
         """x [..., in] fp32 contiguous (original column order) -> [..., out] fp32 (bias not added).
+
+        cache: the calling module's LayerCache, if it keeps one.
 
         path "auto": up to gemv_max_rows rows go through the matrix-vector kernel (measured crossover on
         2-core AVX-512 machines: 8-12 rows on the Xeon, 9-14 on the EPYC), more through AMX where available
@@ -88,7 +108,13 @@ class CpuKernels:
         """
         if path != "auto" and path not in self.PATHS:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
-        layer = self._layer(spec, t)
+        if cache is not None and cache.spec is spec and all(map(operator.is_, t.values(), cache.tensors)) \
+                and len(t) == len(cache.tensors):
+            layer = cache.layer
+        else:
+            layer = self._layer(spec, t)
+            if cache is not None:
+                cache.spec, cache.tensors, cache.layer = spec, tuple(t.values()), layer
         threads = torch.get_num_threads()
         k, n = spec.in_features, spec.out_features
         if x.shape[-1] != k:
