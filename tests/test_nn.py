@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 
 import pytest
@@ -73,3 +74,12 @@ def test_kernel_view_follows_the_modules_tensors():
     layer.use_reference = True
     torch.testing.assert_close(after, layer(x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(after, before)
+
+
+def test_placed_tensors_outlive_the_arena_object():
+    arena = PackedArena(2**22)
+    placed = arena.place(torch.arange(2**20, dtype=torch.int32))
+    del arena
+    gc.collect()
+    churn = [PackedArena(2**22) for _ in range(4)]  # new mappings must not reuse the placed tensor's memory
+    assert torch.equal(placed, torch.arange(2**20, dtype=torch.int32)) and len(churn) == 4

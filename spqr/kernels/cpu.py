@@ -108,13 +108,7 @@ class CpuKernels:
         """
         if path != "auto" and path not in self.PATHS:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
-        if cache is not None and cache.spec is spec and all(map(operator.is_, t.values(), cache.tensors)) \
-                and len(t) == len(cache.tensors):
-            layer = cache.layer
-        else:
-            layer = self._layer(spec, t)
-            if cache is not None:
-                cache.spec, cache.tensors, cache.layer = spec, tuple(t.values()), layer
+        layer = self._layer(spec, t, cache)
         threads = torch.get_num_threads()
         k, n = spec.in_features, spec.out_features
         if x.shape[-1] != k:
@@ -151,10 +145,17 @@ class CpuKernels:
         tables for token generation, about 16·rows·in_features bytes after an AMX prefill."""
         self.lib.spqr_release_workspace()
 
-    def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
-        """The C view of a layer, cached by its tensors' addresses (it holds nothing but those and the spec).
+    def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor], cache: LayerCache | None = None) -> LayerStruct:
+        """The C view of a layer: the module's own (cache) while it holds the same spec and tensor objects, else
+        the one cached here by the tensors' addresses (it holds nothing but those and the spec).
 
         A tensor that is not contiguous keys as -1, so it reaches _layer_struct, which refuses it."""
+        if cache is not None:
+            same = cache.spec is spec and len(t) == len(cache.tensors)
+            if same and all(map(operator.is_, t.values(), cache.tensors)):
+                return cache.layer
+            cache.spec, cache.tensors, cache.layer = spec, tuple(t.values()), self._layer(spec, t)
+            return cache.layer
         key = tuple([v.data_ptr() if v.is_contiguous() else -1 for v in t.values()])
         cached = self._layers.get(key)
         if cached is not None and (cached[0] is spec or cached[0] == spec):
