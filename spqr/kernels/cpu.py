@@ -191,10 +191,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SPQR_CACHE_DIR") or Path.home() / ".cache" / "spqr")
 
 
-def _cpu_identity() -> str:
+def cpuinfo_field(name: str) -> str:
+    """A field of the first CPU in Linux /proc/cpuinfo (e.g. "model name", "flags"), or platform.processor()
+    where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)),
+                        platform.processor())
     except OSError:
         return platform.processor()
 
@@ -206,7 +209,7 @@ def build(variant: str = "native") -> Path:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     flags = FLAGS[variant]
     texts = [path.read_text() for path in (*SOURCES, HEADER)]
-    key = hashlib.sha256("\0".join([*texts, compiler, *flags, _cpu_identity()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*texts, compiler, *flags, cpuinfo_field("flags")]).encode()).hexdigest()
     target = _cache_dir() / f"spqr_cpu_{variant}_{key[:16]}.so"
     if target.exists():
         return target
