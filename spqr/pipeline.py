@@ -9,7 +9,6 @@ with its quantized weights to produce the next block's inputs.
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 import tempfile
 import time
@@ -33,21 +32,13 @@ from spqr.hf import (
     find_decoder_blocks,
     materialize,
     module_name,
+    release_freed_memory,
     set_submodule,
 )
 from spqr.nn import SpQRLinear
 from spqr.resume import OffloadedHidden, ProgressStore, hidden_tensor, run_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the last block back to the OS (glibc keeps it in its heaps otherwise,
-    and resident memory would grow by about a block's weights per block)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class QuantizationError(RuntimeError):
@@ -354,7 +345,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                             progress_dir=scratch, block_weights=block_weights, offload_activations=True,
                             quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, progress=progress)
 
-    _release_freed_memory()  # e.g. what tokenizing the calibration text used
+    release_freed_memory()  # e.g. what tokenizing the calibration text used
     dense_dtype = model.get_input_embeddings().weight.dtype
     embeddings_name = module_name(model, model.get_input_embeddings())
 
@@ -463,7 +454,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)
-        _release_freed_memory()
+        release_freed_memory()  # about a block's weights per block otherwise
         bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
         log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
 
