@@ -10,7 +10,8 @@
    and the AVX-512 kernel as `spqr_gemm_ms`).
 3. Greedy generation of 128 tokens after a 256-token prompt with the 3-bit SmolLM2 checkpoint: fp32
    model vs kernels vs the dequantize-reference model (prefill and decode tokens/s; do the kernel
-   tokens match the reference's?). Also the checkpoints made with --quantize-head and with
+   tokens match the reference's?). After a warm-up, the median of three rounds (fp32 and kernels taking
+   turns; the slow reference model once). Also the checkpoints made with --quantize-head and with
    --head-wbits 5 or 6 --quantize-embeddings, where they exist.
 4. A synthetic ~1.1B llama (random weights): fp32 decode tokens/s vs the same shapes as 3-bit SpQR layers
    (decoder blocks only; also with the lm_head quantized).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -75,9 +77,33 @@ def kernel_section() -> dict:
     return result
 
 
-def _generation(model, ids: torch.Tensor, tokens: int) -> dict:
-    result = generate(model, ids, tokens, stop_at_eos=False)
-    return result.to_dict()
+GENERATION_ROUNDS = 3
+
+
+def _generations(models: dict, ids: torch.Tensor, tokens: int, rounds: int = GENERATION_ROUNDS) -> dict[str, dict]:
+    """Greedy generation with each model: a short warm-up (first-call costs: scratch buffers, caches), then
+    `rounds` full generations taking turns model by model, so that a slow minute of this noisy machine hits
+    them alike. Each figure is the median over the rounds; every round must give the same tokens."""
+    for model in models.values():
+        generate(model, ids, 2, stop_at_eos=False)
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            runs[name].append(generate(model, ids, tokens, stop_at_eos=False).to_dict())
+    result = {}
+    for name, model_runs in runs.items():
+        if any(run["tokens"] != model_runs[0]["tokens"] for run in model_runs):
+            raise RuntimeError(f"{name}: greedy generation gave different tokens from one round to the next")
+        median = dict(model_runs[0])
+        for key in ("prefill_seconds", "decode_seconds", "prefill_tokens_per_second", "decode_tokens_per_second"):
+            median[key] = statistics.median(run[key] for run in model_runs)
+            median[f"{key}_all_rounds"] = [run[key] for run in model_runs]
+        result[name] = median
+    return result
+
+
+def _generation(model, ids: torch.Tensor, tokens: int, rounds: int = GENERATION_ROUNDS) -> dict:
+    return _generations({"model": model}, ids, tokens, rounds)["model"]
 
 
 def _matching_prefix(a: list[int], b: list[int]) -> int:
@@ -88,11 +114,11 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_chec
                     embeddings_checkpoints: dict[int, Path]) -> dict:
     baseline, tokenizer = load_model(None)
     ids = tokenize(tokenizer, load_text("wikitext2", "test"))[:prompt_tokens].view(1, -1)
-    fp32 = _generation(baseline, ids, tokens)
-    del baseline
     model = load_quantized(checkpoint)
-    spqr = _generation(model, ids, tokens)
-    reference = _generation(use_reference(model), ids, tokens)
+    timed = _generations({"fp32": baseline, "spqr": model}, ids, tokens)
+    fp32, spqr = timed["fp32"], timed["spqr"]
+    del baseline
+    reference = _generation(use_reference(model), ids, tokens, rounds=1)  # ~2 minutes a round
     bf16 = _generation(load_quantized(checkpoint, dtype=torch.bfloat16), ids, tokens)  # unquantized parts bf16
     same = _matching_prefix(spqr["tokens"], reference["tokens"])
     result = {"checkpoint": str(checkpoint), "prompt": f"first {prompt_tokens} tokens of wikitext2 test",
@@ -115,7 +141,7 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_chec
             continue
         variant_model = load_quantized(variant_checkpoint)
         run = _generation(variant_model, ids, tokens)
-        variant_reference = _generation(use_reference(variant_model), ids, tokens)
+        variant_reference = _generation(use_reference(variant_model), ids, tokens, rounds=1)
         result[name] = {
             "checkpoint": str(variant_checkpoint), "made_with": flags, "spqr": run, "reference": variant_reference,
             "tokens_match_reference": run["tokens"] == variant_reference["tokens"],
