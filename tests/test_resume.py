@@ -218,7 +218,10 @@ def test_ctrl_c_exits_cleanly_with_resume_instructions(deep_model_dir, text_file
     out, progress_dir = tmp_path / "out", tmp_path / ".out.partial"
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
-        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file), env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # SIGINT at its default in the child, so that Python installs its Ctrl-C handler even when this test
+        # runs as a background job (which inherits SIGINT ignored)
+        proc = subprocess.Popen(_cli(deep_model_dir, out, text_file), env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while _next_block(progress_dir) == 0 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -303,10 +303,15 @@ def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
     from spqr.format.io import deferred_interrupt
 
     reached_end = False
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupt():
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now, inside the block
-            reached_end = True
-    assert reached_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with deferred_interrupt():  # nothing pending: nothing raised
-        pass
+    # Python's own Ctrl-C handler, as in a terminal (a job started in the background inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered now, inside the block
+                reached_end = True
+        assert reached_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with deferred_interrupt():  # nothing pending: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGINT, inherited)
