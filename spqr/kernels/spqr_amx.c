@@ -8,7 +8,9 @@
  * multiple of 16), two tile products with the same B tile (the block's codes, twice):
  *     C [16 x 16] fp32 += A_hm [16 x 32: hi | mid of the 16 columns] . B [codes; codes]
  *     C              += A_lo [16 x 32: lo | zeros]                  . B
- * Scales and zero terms are applied with AVX-512 once per group, outliers from a transposed copy of X. */
+ * Scales and zero terms are applied with AVX-512 once per group, outliers from a transposed copy of X. With
+ * beta1 = 16 (a group per block) each step takes two groups of one W tile, so that this AVX-512 work reads and
+ * writes the running sums once per two groups (measured 4-9% faster than a step of one group and two W tiles). */
 #include "spqr_cpu.h"
 
 #if SPQR_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -31,12 +33,12 @@ int spqr_amx_enable(void) {
     return state;
 }
 
-/* tmm0, tmm1: C of two W tiles; tmm2: A_hm; tmm3: A_lo; tmm4, tmm5: B of the two W tiles. All 16 x 64 bytes. */
+/* Eight tiles of 16 x 64 bytes; amx_pass_products and amx_pass_products_two_groups say what each holds. */
 static void amx_configure(void) {
     amx_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 6; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
 }
 
@@ -92,7 +94,8 @@ static void amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int
             const int64_t m = m0 + i;
             float *row = rows + i * width - k0; /* row[k] for k0 <= k < k1 */
             for (int64_t k = k0; k < k1; k += 16) { /* x_perm, 16 columns at a time (zero past K and M) */
-                const __mmask16 valid = m >= M || k >= K ? 0 : K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+                const __mmask16 valid = m >= M || k >= K ? 0
+                                        : K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
                 const float *xm = x + (m < M ? m : 0) * K;
                 __m512 v;
                 if (!L->perm) v = _mm512_maskz_loadu_ps(valid, xm + k);
@@ -160,14 +163,9 @@ typedef struct {
     uint32_t *btiles;          /* [t][block of the pass] B tiles, 256 words each */
     float *scale, *scale_zero; /* [t][group of the pass][16] */
     float *acc;                /* [mb][AMX_NT][16 rows of X][16 rows of W] */
-    float *cbuf;               /* C tiles on their way to acc, see amx_cbuf */
+    float *cbuf;               /* C tiles on their way to acc: [AMX_NT][256] (a group's sums over its blocks) */
 } amx_buffers;
 
-/* Where the C tiles of W tiles t, t + 1 are stored: a group of several 16-column blocks sums over them in
- * cbuf [AMX_NT][256]; otherwise two pairs of buffers take turns. */
-static inline float *amx_cbuf(float *cbuf, int64_t t, int64_t blocks_per_group) {
-    return cbuf + (blocks_per_group > 1 ? t : ((t / 2) & 1) * 2) * 256;
-}
 
 /* acc [16 rows of X][16 rows of W] += c * scale - xsum (x) scale_zero */
 static inline void amx_accumulate(float *acc, const float *c, const float *scale, const float *scale_zero,
@@ -191,9 +189,10 @@ static void amx_pass_weights(const amx_call *c, amx_buffers *w, int64_t t0, int6
     }
 }
 
-/* acc += the pass's products for every 16 rows of X and the nt W tiles of the task (tile registers: see
- * amx_configure). W tiles go in pairs; their C tiles are stored to cbuf and scaled into acc one step later,
- * so that the AVX-512 work overlaps the next tile products. */
+/* acc += the pass's products for every 16 rows of X and the nt W tiles of the task, for groups of several blocks
+ * (tmm0, tmm1: C of two W tiles; tmm2: A_hm; tmm3: A_lo; tmm4, tmm5: B of the two W tiles). W tiles go in pairs;
+ * their C tiles sum over the group's blocks in cbuf and are scaled into acc one step after its last block, so
+ * that the AVX-512 work overlaps the next tile products. */
 static void amx_pass_products(const amx_call *c, const amx_buffers *w, int64_t nt, int64_t c0, int64_t nb) {
     /* locals, not fields: the stores to acc would otherwise make the compiler reload every field */
     const int64_t bpg = c->blocks_per_group, beta1 = c->L->beta1, kc_blocks = c->kc_blocks, kc_groups = c->kc_groups;
@@ -215,7 +214,7 @@ static void amx_pass_products(const amx_call *c, const amx_buffers *w, int64_t n
                 for (int64_t t = 0; t <= nt + (nt & 1); t += 2) { /* one step past the last pair */
                     if (t < nt) {
                         const int64_t u = t + 1 < nt ? t + 1 : t; /* past nt: a copy of t */
-                        float *ct = amx_cbuf(cbuf, t, bpg), *cu = ct + 256;
+                        float *ct = cbuf + t * 256, *cu = ct + 256;
                         if (jb == 0) {
                             _tile_zero(0);
                             _tile_zero(1);
@@ -234,12 +233,84 @@ static void amx_pass_products(const amx_call *c, const amx_buffers *w, int64_t n
                     }
                     if (jb < jn - 1) continue; /* the group goes on */
                     if (pending >= 0) {
-                        const float *cp = amx_cbuf(cbuf, pending, bpg);
+                        const float *cp = cbuf + pending * 256;
                         for (int64_t v = pending; v < pending + 2 && v < nt; v++, cp += 256)
                             amx_accumulate(acc + (mb * AMX_NT + v) * 256, cp, scale + (v * kc_groups + gl) * 16,
                                            scale_zero + (v * kc_groups + gl) * 16, xg);
                     }
                     pending = t;
+                }
+            }
+        }
+    }
+}
+
+/* acc [16 rows of X][16 rows of W] += c0 * scale[0..15] - xsum0 (x) scale_zero[0..15], then the same for the
+ * next group (c1, scale[16..31], xsum1) when `two`: one load and store of acc for both. */
+static inline void amx_accumulate_two(float *acc, const float *c0, const float *c1, const float *scale,
+                                      const float *scale_zero, const float *xsum0, const float *xsum1, int two) {
+    const __m512 s0 = _mm512_load_ps(scale), z0 = _mm512_load_ps(scale_zero);
+    if (!two) {
+        for (int i = 0; i < 16; i++) {
+            const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c0 + 16 * i), s0, _mm512_load_ps(acc + 16 * i));
+            _mm512_store_ps(acc + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(xsum0[i]), z0, v));
+        }
+        return;
+    }
+    const __m512 s1 = _mm512_load_ps(scale + 16), z1 = _mm512_load_ps(scale_zero + 16);
+    for (int i = 0; i < 16; i++) {
+        __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c0 + 16 * i), s0, _mm512_load_ps(acc + 16 * i));
+        v = _mm512_fnmadd_ps(_mm512_set1_ps(xsum0[i]), z0, v);
+        v = _mm512_fmadd_ps(_mm512_load_ps(c1 + 16 * i), s1, v);
+        _mm512_store_ps(acc + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(xsum1[i]), z1, v));
+    }
+}
+
+/* amx_pass_products for beta1 == 16, two groups (blocks) at a time and one W tile per step: C tiles of groups j
+ * and j + 1 in tmm0, tmm1, their A tiles in tmm2, 3 and tmm4, 5, the W tile's B tiles in tmm6, tmm7; acc takes both
+ * groups in one pass over its rows. A step's C tiles are scaled one step later, overlapping the next products. */
+static void amx_pass_products_two_groups(const amx_call *c, const amx_buffers *w, int64_t nt, int64_t c0, int64_t nb) {
+    const int64_t kc_blocks = c->kc_blocks, kc_groups = c->kc_groups, Mp = c->Mp, Kp = c->Kp, mblocks = c->mblocks;
+    const uint16_t *const a_hm = c->a_hm, *const a_lo = c->a_lo;
+    const float *const scale = w->scale, *const scale_zero = w->scale_zero;
+    const uint32_t *const btiles = w->btiles;
+    float *const acc = w->acc, *const cbuf = w->cbuf;
+    for (int64_t mb = 0; mb < mblocks; mb++) {
+        const int64_t tile0 = mb * (Kp / 16) + c0 / 16; /* this pass's first A tile */
+        for (int64_t j = 0; j < nb; j += 2) {
+            const int two = j + 1 < nb;
+            const float *xsum0 = c->xsum + (c0 / 16 + j) * Mp + mb * 16, *xsum1 = xsum0 + Mp;
+            _tile_loadd(2, a_hm + (tile0 + j) * 512, 64);
+            _tile_loadd(3, a_lo + (tile0 + j) * 512, 64);
+            if (two) {
+                _tile_loadd(4, a_hm + (tile0 + j + 1) * 512, 64);
+                _tile_loadd(5, a_lo + (tile0 + j + 1) * 512, 64);
+            }
+            for (int64_t t = 0; t <= nt; t++) { /* one step past the last W tile */
+                if (t < nt) {
+                    float *ct = cbuf + (t & 1) * 512;
+                    _tile_zero(0);
+                    _tile_loadd(6, btiles + (t * kc_blocks + j) * 256, 64);
+                    if (two) {
+                        _tile_zero(1);
+                        _tile_loadd(7, btiles + (t * kc_blocks + j + 1) * 256, 64);
+                        _tile_dpbf16ps(0, 2, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(0, 3, 6);
+                        _tile_dpbf16ps(1, 5, 7);
+                        _tile_stored(0, ct, 64);
+                        _tile_stored(1, ct + 256, 64);
+                    } else {
+                        _tile_dpbf16ps(0, 2, 6);
+                        _tile_dpbf16ps(0, 3, 6);
+                        _tile_stored(0, ct, 64);
+                    }
+                }
+                if (t > 0) {
+                    const int64_t v = t - 1;
+                    const float *cp = cbuf + (v & 1) * 512;
+                    amx_accumulate_two(acc + (mb * AMX_NT + v) * 256, cp, cp + 256, scale + (v * kc_groups + j) * 16,
+                                       scale_zero + (v * kc_groups + j) * 16, xsum0, xsum1, two);
                 }
             }
         }
@@ -339,7 +410,8 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
             for (int64_t c0 = 0; c0 < Kp; c0 += kc) { /* one pass: columns c0 .. c0 + kc - 1 */
                 const int64_t nb = (Kp - c0 < kc ? Kp - c0 : kc) / 16;
                 amx_pass_weights(&c, &w, t0, nt, c0, nb);
-                amx_pass_products(&c, &w, nt, c0, nb);
+                if (c.blocks_per_group == 1) amx_pass_products_two_groups(&c, &w, nt, c0, nb);
+                else amx_pass_products(&c, &w, nt, c0, nb);
             }
             if (has_outliers && amx_add_outliers(&c, &w, t0, nt)) {
 #pragma omp atomic write
