@@ -166,7 +166,6 @@ typedef struct {
     float *cbuf;               /* C tiles on their way to acc: [AMX_NT][256] (a group's sums over its blocks) */
 } amx_buffers;
 
-
 /* acc [16 rows of X][16 rows of W] += c * scale - xsum (x) scale_zero */
 static inline void amx_accumulate(float *acc, const float *c, const float *scale, const float *scale_zero,
                                   const float *xsum) {
@@ -249,14 +248,11 @@ static void amx_pass_products(const amx_call *c, const amx_buffers *w, int64_t n
  * next group (c1, scale[16..31], xsum1) when `two`: one load and store of acc for both. */
 static inline void amx_accumulate_two(float *acc, const float *c0, const float *c1, const float *scale,
                                       const float *scale_zero, const float *xsum0, const float *xsum1, int two) {
-    const __m512 s0 = _mm512_load_ps(scale), z0 = _mm512_load_ps(scale_zero);
     if (!two) {
-        for (int i = 0; i < 16; i++) {
-            const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c0 + 16 * i), s0, _mm512_load_ps(acc + 16 * i));
-            _mm512_store_ps(acc + 16 * i, _mm512_fnmadd_ps(_mm512_set1_ps(xsum0[i]), z0, v));
-        }
+        amx_accumulate(acc, c0, scale, scale_zero, xsum0);
         return;
     }
+    const __m512 s0 = _mm512_load_ps(scale), z0 = _mm512_load_ps(scale_zero);
     const __m512 s1 = _mm512_load_ps(scale + 16), z1 = _mm512_load_ps(scale_zero + 16);
     for (int i = 0; i < 16; i++) {
         __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c0 + 16 * i), s0, _mm512_load_ps(acc + 16 * i));
