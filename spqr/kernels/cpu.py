@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c")]
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
-AMX_MIN_OUT_FEATURES = 1024  # measured (256 rows, 1.8% outliers), AMX vs gemm as a multiple of MKL fp32: 576x576 0.63
-# vs 0.80, 192x576 0.42 vs 0.69, 576x1536 0.75 vs 0.86; 1024x1024 0.98 vs 0.86, 1536x576 1.04 vs 0.93, 4096x1024 1.18
-# vs 0.96. AMX's fixed cost is preparing X (per row and input feature), so it pays off with enough output rows.
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
@@ -73,7 +70,8 @@ class CpuKernels:
     """The loaded library; `matmul` computes x W_permᵀ from a layer's packed tensors.
 
     Three paths: `gemv` (table lookup, for a few rows), `gemm` (AVX-512 FMA on decoded tiles) and
-    `amx` (the AMX tile unit with x split into three exact bf16 parts; Sapphire Rapids and later, Linux).
+    `amx` (the AMX tile unit, x and the decoded W each split into three exact bf16 parts; Sapphire Rapids and
+    later, Linux).
     SPQR_AMX=0 disables the last.
     """
 
@@ -103,7 +101,7 @@ class CpuKernels:
 
         path "auto": up to gemv_max_rows rows go through the matrix-vector kernel (measured crossover on
         2-core AVX-512 machines: 8-12 rows on the Xeon, 9-14 on the EPYC), more through AMX where available
-        and the layer has at least AMX_MIN_OUT_FEATURES outputs (below that its fixed costs lose to `gemm`),
+        (on the Xeon faster than `gemm` from 9 rows on, on every layer shape measured, 192 x 576 included),
         else `gemm`.
         """
         if path != "auto" and path not in self.PATHS:
@@ -117,8 +115,7 @@ class CpuKernels:
         y = torch.empty(rows, n) if x.dim() == 2 else torch.empty((*x.shape[:-1], n))
         x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
         if path == "auto":
-            wide = n >= AMX_MIN_OUT_FEATURES
-            path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx and wide else "gemm"
+            path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx else "gemm"
         if path == "gemv":
             if self._gemv(layer, rows, x_ptr, y_ptr, threads):
                 raise MemoryError("spqr_gemv could not allocate its workspace")
@@ -127,7 +124,7 @@ class CpuKernels:
             if not self.has_amx:
                 raise RuntimeError("the AMX kernel is not available on this machine (or SPQR_AMX=0)")
             status = 0
-            for r0 in range(0, rows, AMX_MAX_ROWS):  # bounds its workspace: 16 bytes per row and input feature
+            for r0 in range(0, rows, AMX_MAX_ROWS):  # bounds its workspace: 6 bytes per row and input feature
                 r1 = min(rows, r0 + AMX_MAX_ROWS)
                 status = self._gemm_amx(layer, r1 - r0, x_ptr + 4 * r0 * k, y_ptr + 4 * r0 * n, threads)
                 if status:
@@ -142,7 +139,7 @@ class CpuKernels:
 
     def release_workspace(self) -> None:
         """Free the scratch buffer the kernels keep between calls. It grows to the largest call: a few
-        tables for token generation, about 16·rows·in_features bytes after an AMX prefill."""
+        tables for token generation, about 6·rows·in_features bytes (and ~1 MB per thread) after an AMX prefill."""
         self.lib.spqr_release_workspace()
 
     def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor], cache: LayerCache | None = None) -> LayerStruct:

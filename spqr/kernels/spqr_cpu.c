@@ -441,7 +441,6 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
 /* ---------------------------------------------------------------------------------------------- */
 
 #define NB 192 /* most rows of W decoded at once (fewer when that would leave threads idle); 16, 6 and MR divide it */
-#define KB 128 /* columns of W decoded at once */
 #define MR 12  /* micro-kernel: MR rows of W x 32 rows of X (24 accumulators) */
 
 #if SPQR_AVX512
@@ -473,12 +472,9 @@ static inline __attribute__((always_inline)) void decode_tile16(const spqr_layer
 }
 #endif
 
-/* Decode W rows r0 .. r0+n-1 (n <= nb), columns c0 .. c1-1 into buf [KB][nb], transposed (row i of column k
- * at buf[k * nb + i]; rows >= n, columns >= c1 zeroed), bit-identical to the reference decoder:
- * (code - zero) * scale, plus the outlier delta.
- * next_outlier[i] is row r0+i's first outlier not yet applied; blocks must come in increasing c0. */
-static void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0, int64_t c1, float *buf,
-                         int32_t *next_outlier) {
+/* see spqr_cpu.h */
+void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0, int64_t c1, float *buf,
+                  int32_t *next_outlier) {
     const int64_t beta1 = L->beta1;
     if (n < nb || c1 - c0 < KB) memset(buf, 0, sizeof(float) * nb * KB);
     for (int t0 = 0; t0 < n; t0 += TILE) {

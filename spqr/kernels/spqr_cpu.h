@@ -117,6 +117,15 @@ static inline size_t region(size_t bytes) { return (bytes + 63) / 64 * 64 + 5 * 
 __attribute__((visibility("hidden"))) workspace workspace_acquire(size_t bytes);
 __attribute__((visibility("hidden"))) void workspace_release(workspace ws);
 
+#define KB 128 /* columns of W decoded at once by decode_block */
+
+/* Decode W rows r0 .. r0+n-1 (n <= nb), columns c0 .. c1-1 (c1 - c0 <= KB) into buf [KB][nb], transposed (row i
+ * of column k at buf[k * nb + i]; rows >= n, columns >= c1 zeroed), bit-identical to the reference decoder:
+ * (code - zero) * scale, plus the outlier delta. next_outlier[i] is row r0+i's first outlier not yet applied
+ * (start: row_ptr[r0 + i]); blocks of a row range must come in increasing c0. (spqr_cpu.c) */
+__attribute__((visibility("hidden"))) void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0,
+                                                        int64_t c1, float *buf, int32_t *next_outlier);
+
 #if SPQR_AVX512
 /* A 16-bit lane mask straight from memory (kmovw k, m16: a load, no trip through a general register). */
 static inline __mmask16 load_mask16(const void *p) {

@@ -66,9 +66,10 @@ def test_every_bit_width(kern, wbits, rows):
 
 @pytest.mark.parametrize("beta1,beta2,qq_bits", [(32, 16, 3), (64, 8, 2), (128, 7, 3), (16, 1, 4), (48, 48, 8),
                                                 (16, 16, None), (64, 16, None)])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 20])
 def test_group_sizes_and_statistics(kern, beta1, beta2, qq_bits, rows):
-    _check(random_packed_layer(70, 200, 3, beta1, beta2, qq_bits, 0.01, seed=beta1 + beta2), kern, rows)
+    """600 input features: the AMX kernel's 256-column passes cut through groups of 48 and 128."""
+    _check(random_packed_layer(70, 600, 3, beta1, beta2, qq_bits, 0.01, seed=beta1 + beta2), kern, rows)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0, 0.3])
@@ -157,12 +158,12 @@ def test_matrix_vector_rows_do_not_depend_on_the_batch(kern, out_features, beta2
 
 @pytest.mark.parametrize("perm", [True, False])
 def test_matrix_kernel_decodes_bit_exactly(kern, perm):
-    """x = identity makes y = W exactly (one product per output), so the decode must equal the reference bit for bit.
-
-    (The AMX path computes scale * code - scale * zero instead, equal within rounding: covered by _check.)"""
+    """x = identity makes y = W exactly (one product per output; on AMX the three bf16 parts of w summed), so the
+    decode must equal the reference bit for bit."""
     layer = random_packed_layer(70, 150, 3, 16, 16, 3, 0.05, perm=perm, seed=4)
-    y = kern.matmul(layer.spec, layer.tensors, torch.eye(150), path="gemm")
-    assert torch.equal(y.T, dequantize_layer(layer.spec, layer.tensors))
+    for path in ("gemm",) + (("amx",) if kern.has_amx else ()):
+        y = kern.matmul(layer.spec, layer.tensors, torch.eye(150), path=path)
+        assert torch.equal(y.T, dequantize_layer(layer.spec, layer.tensors)), path
 
 
 def test_beta1_not_a_multiple_of_16_uses_the_reference_path():
