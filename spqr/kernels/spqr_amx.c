@@ -64,16 +64,8 @@ static void amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int
         for (int64_t k = 0; k < Kp; k += 16) {
             const __mmask16 valid = m >= M || k >= K ? 0
                                     : K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-            __m512 v;
-            if (!L->perm) v = _mm512_maskz_loadu_ps(valid, xm + k);
-            else {
-                const __m512i cols = L->perm_int32
-                    ? _mm512_maskz_loadu_epi32(valid, (const int32_t *)L->perm + k)
-                    : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(valid, (const int16_t *)L->perm + k));
-                v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, cols, xm, 4);
-            }
             __m256bh h, md, l;
-            split3_rounded(v, &h, &md, &l);
+            split3_rounded(load_x_perm16(L, xm, k, valid), &h, &md, &l);
             uint16_t *dst = block + (k / 32) * A_PARTS + i * 32 + (k & 16);
             _mm256_storeu_si256((__m256i *)dst, (__m256i)h);
             _mm256_storeu_si256((__m256i *)(dst + 512), (__m256i)md);

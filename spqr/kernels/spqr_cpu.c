@@ -345,14 +345,7 @@ static void permute_input(const spqr_layer *L, const float *x_in, float *x, floa
             __m512 sum = _mm512_setzero_ps();
             for (int64_t k = g * L->beta1; k < (g + 1) * L->beta1 && k < K; k += 16) {
                 const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-                __m512 v;
-                if (!L->perm) v = _mm512_maskz_loadu_ps(m, x_in + k);
-                else {
-                    const __m512i cols = L->perm_int32
-                        ? _mm512_maskz_loadu_epi32(m, (const int32_t *)L->perm + k)
-                        : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, (const int16_t *)L->perm + k));
-                    v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, cols, x_in, 4);
-                }
+                const __m512 v = load_x_perm16(L, x_in, k, m);
                 _mm512_mask_storeu_ps(x + k, m, v);
                 sum = _mm512_add_ps(sum, v);
             }

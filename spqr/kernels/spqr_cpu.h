@@ -134,6 +134,15 @@ static inline __mmask16 load_mask16(const void *p) {
     return k;
 }
 
+/* x_perm[k .. k+15] (lanes outside `valid` zero): x [in] in the original column order, gathered through perm. */
+static inline __m512 load_x_perm16(const spqr_layer *L, const float *x, int64_t k, __mmask16 valid) {
+    if (!L->perm) return _mm512_maskz_loadu_ps(valid, x + k);
+    const __m512i cols = L->perm_int32
+        ? _mm512_maskz_loadu_epi32(valid, (const int32_t *)L->perm + k)
+        : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(valid, (const int16_t *)L->perm + k));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, cols, x, 4);
+}
+
 /* Where the statistics of one full 16-row tile (r0 a multiple of 16) live; group g is `g * stride` further. */
 typedef struct {
     int mode; /* 0: fp16 values, 1: bilevel with one second-level group per tile, 2: bilevel, any beta2 */
