@@ -34,6 +34,8 @@ FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
     "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-DSPQR_PORTABLE"],
+    # what "native" compiles to on an AVX2 machine without AVX-512 (AVX2 table lookups, vector loops), to test it
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
 }
 
 

@@ -245,6 +245,85 @@ static void decode_tile_v16_any(const spqr_layer *L, int64_t r0, int64_t c0, int
     }
 }
 
+#if SPQR_AVX2
+/* AVX2 (no AVX-512): the table-lookup product of the AVX-512 path with 8-entry tables, one per 3 columns: each 16-column
+ * half of a chunk takes tables of columns 0-2, 3-5, 6-8, 9-11, 12-14 and 15 (so that no lookup crosses a group of
+ * beta1, a multiple of 16), lut3 [ceil(K/16)][6][8]: lut3[h][t][p] = sum over the bits j of p of x[16h + 3t + j]
+ * (only bit 0 for t = 5). Per bit-plane, 8 rows at a time: one permute per 3 columns, its index the plane word
+ * shifted (the permute reads the low 3 bits). */
+static void build_lut3(const float *x, int64_t K, float *lut3) {
+    for (int64_t h = 0; h < ceil_div(K, 16); h++)
+        for (int t = 0; t < 6; t++)
+            for (int p = 0; p < 8; p++) {
+                float v = 0.0f;
+                for (int j = 0; j < (t < 5 ? 3 : 1); j++) {
+                    const int64_t k = 16 * h + 3 * t + j;
+                    if (((p >> j) & 1) && k < K) v += x[k];
+                }
+                lut3[(h * 6 + t) * 8 + p] = v;
+            }
+}
+
+/* sum_j code_j x_j over one 16-column half (bits s .. s + 15 of the plane words) for 8 rows (planes: their words,
+ * planes 16 words apart); tables: that half's six of lut3. */
+static inline __attribute__((always_inline)) __m256 half_dot8(const int32_t *planes, const __m256 *tables, const int s,
+                                                              const int WB) {
+    __m256 dot = _mm256_setzero_ps();
+    for (int b = WB - 1; b >= 0; b--) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(planes + b * TILE));
+        __m256 sum = _mm256_permutevar8x32_ps(tables[0], _mm256_srli_epi32(v, s));
+        for (int t = 1; t < 6; t++)
+            sum = _mm256_add_ps(sum, _mm256_permutevar8x32_ps(tables[t], _mm256_srli_epi32(v, s + 3 * t)));
+        dot = b == WB - 1 ? sum : _mm256_fmadd_ps(dot, _mm256_set1_ps(2.0f), sum);
+    }
+    return dot;
+}
+
+/* gemv_tile_v16 by table lookup (beta1 a multiple of 16, full tile). */
+static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_layer *L, const float *lut3, const float *x,
+                                                                 const float *group_sums, float *y, int64_t r0,
+                                                                 const int WB) {
+    const int64_t K = L->in_features, halves_per_group = L->beta1 / 16, n_halves = ceil_div(K, 16);
+    const int32_t *tile = L->qweight + (r0 / TILE) * ceil_div(K, 32) * WB * TILE;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, scale[2];
+    v16f zero_term = {0};
+    for (int64_t h = 0; h < n_halves; h++) {
+        if (h % halves_per_group == 0) { /* a new group */
+            const int64_t g = h / halves_per_group;
+            v16f sv, zv;
+            tile_stats_v16(L, g, r0, &sv, &zv);
+            zero_term += sv * zv * group_sums[g];
+            memcpy(scale, &sv, sizeof sv);
+        }
+        __m256 tables[6];
+        for (int t = 0; t < 6; t++) tables[t] = _mm256_loadu_ps(lut3 + (h * 6 + t) * 8);
+        const int32_t *planes = tile + (h / 2) * WB * TILE;
+        for (int r = 0; r < 2; r++) { /* rows 0-7, 8-15 */
+            const __m256 dot = h & 1 ? half_dot8(planes + 8 * r, tables, 16, WB) : half_dot8(planes + 8 * r, tables, 0, WB);
+            acc[r] = _mm256_fmadd_ps(dot, scale[r], acc[r]);
+        }
+    }
+    float out[TILE];
+    _mm256_storeu_ps(out, acc[0]);
+    _mm256_storeu_ps(out + 8, acc[1]);
+    for (int i = 0; i < TILE; i++) y[r0 + i] = out[i] - zero_term[i] + outlier_dot(L, r0 + i, x);
+}
+
+static void gemv_tile_avx2_any(const spqr_layer *L, const float *lut3, const float *x, const float *group_sums, float *y,
+                               int64_t r0) {
+    switch (L->wbits) {
+        case 1: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 1); return;
+        case 2: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 2); return;
+        case 3: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 3); return;
+        case 4: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 4); return;
+        case 5: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 5); return;
+        case 6: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 6); return;
+        case 7: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 7); return;
+        default: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 8); return;
+    }
+}
+#endif
+
 static SPQR_FMA_CONTRACT void gemv_tile_v16_any(const spqr_layer *L, const float *x, const float *group_sums, float *y,
                                                 int64_t r0) {
     switch (L->wbits) {
@@ -508,15 +587,15 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
     const int64_t N = L->out_features, K = L->in_features, n_groups = ceil_div(K, L->beta1);
     const int64_t n_tiles = ceil_div(N, TILE);
     int use_lut = 0; /* the table-lookup path (full 16-row tiles, beta1 a multiple of 16) */
-#if SPQR_AVX512
+#if SPQR_AVX512 || SPQR_AVX2
     use_lut = L->beta1 % 16 == 0 && N >= TILE && L->wbits >= 1 && L->wbits <= 8;
 #endif
     /* workspace: each row's group sums and x in the sweep's column order, then each thread's tables (one per row) and
      * coefficients (each thread builds its own tables: reading one built by another core measured 4-5% slower on
      * 4096^2, 15-20% on 576^2) */
     const size_t row_bytes = region(sizeof(float) * (size_t)(n_groups + K));
-    const size_t lut_bytes = use_lut ? region(sizeof(float) * 16 * 8 * (size_t)ceil_div(K, 32)) : 0;
-    const size_t coef_bytes = use_lut ? region(2 * sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : 0;
+    const size_t lut_bytes = use_lut ? region(sizeof(float) * (SPQR_AVX2 ? 48 * (size_t)ceil_div(K, 16) : 128 * (size_t)ceil_div(K, 32))) : 0;
+    const size_t coef_bytes = use_lut && SPQR_AVX512 ? region(2 * sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : 0;
     const size_t thread_bytes = (size_t)M * lut_bytes + coef_bytes;
     workspace ws = workspace_acquire((size_t)M * row_bytes + (size_t)n_threads * thread_bytes);
     if (!ws.ptr) return 1;
@@ -532,6 +611,10 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
         if (use_lut)
             for (int64_t m = 0; m < M; m++)
                 build_lut((const float *)(ws.ptr + m * row_bytes) + n_groups, K, (float *)(own + m * lut_bytes));
+#elif SPQR_AVX2
+        if (use_lut)
+            for (int64_t m = 0; m < M; m++)
+                build_lut3((const float *)(ws.ptr + m * row_bytes) + n_groups, K, (float *)(own + m * lut_bytes));
 #endif
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < ceil_div(n_tiles, 2); pair++) { /* tiles 2 pair and 2 pair + 1 */
@@ -551,6 +634,12 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
 #if SPQR_AVX512
                     if (use_lut && n == TILE) {
                         gemv_tiles_dispatch(L, lut, x, group_sums, coef, ym, r0, 1);
+                        continue;
+                    }
+#endif
+#if SPQR_AVX2
+                    if (use_lut && n == TILE) {
+                        gemv_tile_avx2_any(L, lut, x, group_sums, ym, r0);
                         continue;
                     }
 #endif

@@ -16,6 +16,13 @@
 #else
 #define SPQR_AVX512 0
 #endif
+/* without AVX-512, the matrix-vector product still uses AVX2 table lookups where the build targets AVX2 and FMA */
+#if !SPQR_AVX512 && defined(__AVX2__) && defined(__FMA__) && !defined(SPQR_PORTABLE)
+#define SPQR_AVX2 1
+#include <immintrin.h>
+#else
+#define SPQR_AVX2 0
+#endif
 
 typedef struct {
     int64_t in_features, out_features;

@@ -1,4 +1,4 @@
-"""The C kernels (AVX-512 and portable builds) against the exact reference decoder."""
+"""The C kernels (AVX-512, AVX2 and portable builds) against the exact reference decoder."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from spqr.format.packing import pack_bitplanes
 from spqr.format.synthetic import random_packed_layer
 from spqr.kernels import cpu
 
-VARIANTS = ("native", "portable")
+VARIANTS = ("native", "portable", "avx2")
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def kern(request) -> cpu.CpuKernels:
+    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= set(cpu.cpuinfo_field("flags").split()):
+        pytest.skip("this CPU has no AVX2/FMA/F16C: the AVX2 build cannot run here")
     k = cpu.load(request.param)
     if k is None:
         pytest.fail(f"the {request.param} CPU kernels did not build on this machine (see the logged reason)")
