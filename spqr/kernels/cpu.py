@@ -82,6 +82,7 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL, variant: str):
         self.lib, self.variant = lib, variant
         self.has_avx512 = bool(lib.spqr_has_avx512())
+        self.has_avx2 = bool(lib.spqr_has_avx2())  # AVX2 table lookups (builds without AVX-512)
         self.has_amx = os.environ.get("SPQR_AMX", "1") != "0" and bool(lib.spqr_amx_enable())
         signature = [ctypes.POINTER(LayerStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._gemv = lib.spqr_gemv
@@ -244,5 +245,5 @@ def describe() -> str:
     kernels = load()
     if kernels is None:
         return "spqr CPU kernels: unavailable, using the reference path (see the warning above)"
-    return (f"spqr CPU kernels: {kernels.variant} build, AVX-512 {'on' if kernels.has_avx512 else 'off'}, "
-            f"AMX {'on' if kernels.has_amx else 'off'}")
+    simd = "AVX-512" if kernels.has_avx512 else "AVX2" if kernels.has_avx2 else "portable vector code"
+    return f"spqr CPU kernels: {kernels.variant} build, {simd}, AMX {'on' if kernels.has_amx else 'off'}"

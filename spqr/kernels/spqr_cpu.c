@@ -909,3 +909,4 @@ int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_th
 }
 
 int spqr_has_avx512(void) { return SPQR_AVX512; }
+int spqr_has_avx2(void) { return SPQR_AVX2; }
