@@ -139,13 +139,12 @@ static void gemv_tile_plain(const spqr_layer *L, const float *x, float *y, int64
  * fp32 product on this Xeon built for AVX2 (-mno-avx512f); this loop: see the README. */
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4))); /* loads and stores at any float */
+typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-static inline v16i load_v16i(const int32_t *p) {
-    v16i v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+typedef int32_t v16i_unaligned __attribute__((vector_size(64), aligned(4)));
+static inline v16i load_v16i(const int32_t *p) { return *(const v16i_unaligned *)p; }
 
 /* The WB-bit codes of column j (0..31) of a 16-row tile's 32-column chunk from its bit-plane vectors, one per lane
  * (j and WB compile-time constants after unrolling and inlining: constant shifts). */
@@ -226,8 +225,7 @@ static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_lay
             const int64_t col = 32 * c + j;
             if (col >= c1) break;
             if (col / L->beta1 != g) tile_stats_v16(L, g = col / L->beta1, r0, &scale, &zero);
-            const v16f w = (__builtin_convertvector(column_codes_v16(planes, j, WB), v16f) - zero) * scale;
-            memcpy(dst + (col - c0) * nb, &w, sizeof w);
+            *(v16f_unaligned *)(dst + (col - c0) * nb) = (__builtin_convertvector(column_codes_v16(planes, j, WB), v16f) - zero) * scale;
         }
     }
 }
@@ -803,19 +801,24 @@ static SPQR_FMA_CONTRACT void block_multiply(const float *buf, int nb, const flo
                 _mm512_storeu_ps(arow + i * Mp + 16, a1[i]);
             }
 #else
-            for (int i0 = 0; i0 < MR; i0 += 3) { /* 3 rows of W x 32 rows of X in 12 vectors of 8 */
-                v8f a[3][4];
-                for (int i = 0; i < 3; i++) memcpy(a[i], arow + (i0 + i) * Mp, sizeof a[i]);
-                for (int64_t k = 0; k < kn; k++) {
-                    v8f xv[4];
-                    memcpy(xv, panel + k * 32, sizeof xv);
-                    for (int i = 0; i < 3; i++) {
-                        const float wv = w[k * nb + i0 + i];
-                        for (int q = 0; q < 4; q++) a[i][q] += wv * xv[q];
+            for (int j0 = 0; j0 < 32; j0 += 16) /* 6 rows of W x 16 rows of X in 12 vectors of 8 (AVX2: 15 registers) */
+                for (int i0 = 0; i0 < MR; i0 += 6) {
+                    v8f a[6][2];
+                    for (int i = 0; i < 6; i++)
+                        for (int q = 0; q < 2; q++) a[i][q] = *(const v8f_unaligned *)(arow + (i0 + i) * Mp + j0 + 8 * q);
+                    for (int64_t k = 0; k < kn; k++) {
+                        const v8f x0 = *(const v8f_unaligned *)(panel + k * 32 + j0);
+                        const v8f x1 = *(const v8f_unaligned *)(panel + k * 32 + j0 + 8);
+#pragma GCC unroll 6
+                        for (int i = 0; i < 6; i++) {
+                            const float wv = w[k * nb + i0 + i];
+                            a[i][0] += wv * x0;
+                            a[i][1] += wv * x1;
+                        }
                     }
+                    for (int i = 0; i < 6; i++)
+                        for (int q = 0; q < 2; q++) *(v8f_unaligned *)(arow + (i0 + i) * Mp + j0 + 8 * q) = a[i][q];
                 }
-                for (int i = 0; i < 3; i++) memcpy(arow + (i0 + i) * Mp, a[i], sizeof a[i]);
-            }
 #endif
         }
     }
