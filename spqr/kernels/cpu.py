@@ -31,11 +31,11 @@ SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 FLAGS = {
-    "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
+    "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
     # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
-    "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-DSPQR_PORTABLE"],
+    "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi", "-DSPQR_PORTABLE"],
     # what "native" compiles to on an AVX2 machine without AVX-512 (AVX2 table lookups, vector loops), to test it
-    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
 }
 
 

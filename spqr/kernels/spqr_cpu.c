@@ -139,11 +139,12 @@ static void gemv_tile_plain(const spqr_layer *L, const float *x, float *y, int64
  * fp32 product on this Xeon built for AVX2 (-mno-avx512f); this loop: see the README. */
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4))); /* loads and stores at any float */
-typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-
+/* the same for loads and stores at any float's address */
+typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v16i_unaligned __attribute__((vector_size(64), aligned(4)));
+
 static inline v16i load_v16i(const int32_t *p) { return *(const v16i_unaligned *)p; }
 
 /* The WB-bit codes of column j (0..31) of a 16-row tile's 32-column chunk from its bit-plane vectors, one per lane
@@ -225,7 +226,8 @@ static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_lay
             const int64_t col = 32 * c + j;
             if (col >= c1) break;
             if (col / L->beta1 != g) tile_stats_v16(L, g = col / L->beta1, r0, &scale, &zero);
-            *(v16f_unaligned *)(dst + (col - c0) * nb) = (__builtin_convertvector(column_codes_v16(planes, j, WB), v16f) - zero) * scale;
+            const v16f codes = __builtin_convertvector(column_codes_v16(planes, j, WB), v16f);
+            *(v16f_unaligned *)(dst + (col - c0) * nb) = (codes - zero) * scale;
         }
     }
 }
@@ -592,8 +594,10 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
      * coefficients (each thread builds its own tables: reading one built by another core measured 4-5% slower on
      * 4096^2, 15-20% on 576^2) */
     const size_t row_bytes = region(sizeof(float) * (size_t)(n_groups + K));
-    const size_t lut_bytes = use_lut ? region(sizeof(float) * (SPQR_AVX2 ? 48 * (size_t)ceil_div(K, 16) : 128 * (size_t)ceil_div(K, 32))) : 0;
-    const size_t coef_bytes = use_lut && SPQR_AVX512 ? region(2 * sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : 0;
+    const size_t lut_floats = SPQR_AVX2 ? 48 * (size_t)ceil_div(K, 16) : 128 * (size_t)ceil_div(K, 32); /* lut3, lut */
+    const size_t lut_bytes = use_lut ? region(sizeof(float) * lut_floats) : 0;
+    const size_t coef_bytes =
+        use_lut && SPQR_AVX512 ? region(2 * sizeof(float) * (size_t)((2 * L->qq_bits + 2) * n_groups)) : 0;
     const size_t thread_bytes = (size_t)M * lut_bytes + coef_bytes;
     workspace ws = workspace_acquire((size_t)M * row_bytes + (size_t)n_threads * thread_bytes);
     if (!ws.ptr) return 1;
