@@ -139,16 +139,7 @@ static inline __attribute__((always_inline)) void amx_weight_tile(const spqr_lay
 
 static void amx_weight_tile_any(const spqr_layer *L, int64_t r0, int64_t c0, int64_t kt_n, const float *delta,
                                 uint32_t *dst) {
-    switch (L->wbits) {
-        case 1: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 1); return;
-        case 2: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 2); return;
-        case 3: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 3); return;
-        case 4: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 4); return;
-        case 5: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 5); return;
-        case 6: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 6); return;
-        case 7: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 7); return;
-        default: amx_weight_tile(L, r0, c0, kt_n, delta, dst, 8); return;
-    }
+    SPQR_FOR_WBITS(L->wbits, amx_weight_tile(L, r0, c0, kt_n, delta, dst, WB))
 }
 
 /* delta [AMX_KC][16] (zero on entry) = the outlier deltas of the W tile at r0 in columns c0 .. c0 + AMX_KC - 1; returns

@@ -233,16 +233,7 @@ static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_lay
 }
 
 static void decode_tile_v16_any(const spqr_layer *L, int64_t r0, int64_t c0, int64_t c1, float *dst, int nb) {
-    switch (L->wbits) {
-        case 1: decode_tile_v16(L, r0, c0, c1, dst, nb, 1); return;
-        case 2: decode_tile_v16(L, r0, c0, c1, dst, nb, 2); return;
-        case 3: decode_tile_v16(L, r0, c0, c1, dst, nb, 3); return;
-        case 4: decode_tile_v16(L, r0, c0, c1, dst, nb, 4); return;
-        case 5: decode_tile_v16(L, r0, c0, c1, dst, nb, 5); return;
-        case 6: decode_tile_v16(L, r0, c0, c1, dst, nb, 6); return;
-        case 7: decode_tile_v16(L, r0, c0, c1, dst, nb, 7); return;
-        default: decode_tile_v16(L, r0, c0, c1, dst, nb, 8); return;
-    }
+    SPQR_FOR_WBITS(L->wbits, decode_tile_v16(L, r0, c0, c1, dst, nb, WB))
 }
 
 #if SPQR_AVX2
@@ -285,7 +276,7 @@ static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_laye
                                                                  const int WB) {
     const int64_t K = L->in_features, halves_per_group = L->beta1 / 16, n_halves = ceil_div(K, 16);
     const int32_t *tile = L->qweight + (r0 / TILE) * ceil_div(K, 32) * WB * TILE;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, scale[2];
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, scale[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     v16f zero_term = {0};
     for (int64_t h = 0; h < n_halves; h++) {
         if (h % halves_per_group == 0) { /* a new group */
@@ -311,31 +302,13 @@ static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_laye
 
 static void gemv_tile_avx2_any(const spqr_layer *L, const float *lut3, const float *x, const float *group_sums, float *y,
                                int64_t r0) {
-    switch (L->wbits) {
-        case 1: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 1); return;
-        case 2: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 2); return;
-        case 3: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 3); return;
-        case 4: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 4); return;
-        case 5: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 5); return;
-        case 6: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 6); return;
-        case 7: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 7); return;
-        default: gemv_tile_avx2(L, lut3, x, group_sums, y, r0, 8); return;
-    }
+    SPQR_FOR_WBITS(L->wbits, gemv_tile_avx2(L, lut3, x, group_sums, y, r0, WB))
 }
 #endif
 
 static SPQR_FMA_CONTRACT void gemv_tile_v16_any(const spqr_layer *L, const float *x, const float *group_sums, float *y,
                                                 int64_t r0) {
-    switch (L->wbits) {
-        case 1: gemv_tile_v16(L, x, group_sums, y, r0, 1); return;
-        case 2: gemv_tile_v16(L, x, group_sums, y, r0, 2); return;
-        case 3: gemv_tile_v16(L, x, group_sums, y, r0, 3); return;
-        case 4: gemv_tile_v16(L, x, group_sums, y, r0, 4); return;
-        case 5: gemv_tile_v16(L, x, group_sums, y, r0, 5); return;
-        case 6: gemv_tile_v16(L, x, group_sums, y, r0, 6); return;
-        case 7: gemv_tile_v16(L, x, group_sums, y, r0, 7); return;
-        default: gemv_tile_v16(L, x, group_sums, y, r0, 8); return;
-    }
+    SPQR_FOR_WBITS(L->wbits, gemv_tile_v16(L, x, group_sums, y, r0, WB))
 }
 #endif
 

@@ -124,6 +124,20 @@ static inline size_t region(size_t bytes) { return (bytes + 63) / 64 * 64 + 5 * 
 __attribute__((visibility("hidden"))) workspace workspace_acquire(size_t bytes);
 __attribute__((visibility("hidden"))) void workspace_release(workspace ws);
 
+/* Runs CALL (a statement naming WB) with WB = the bit width wbits (1..8) as a constant: one instance of an
+ * always_inline kernel per width, so that its loops over bit-planes unroll. */
+#define SPQR_FOR_WBITS(wbits, CALL)                 \
+    switch (wbits) {                                \
+        case 1: { const int WB = 1; CALL; } break;  \
+        case 2: { const int WB = 2; CALL; } break;  \
+        case 3: { const int WB = 3; CALL; } break;  \
+        case 4: { const int WB = 4; CALL; } break;  \
+        case 5: { const int WB = 5; CALL; } break;  \
+        case 6: { const int WB = 6; CALL; } break;  \
+        case 7: { const int WB = 7; CALL; } break;  \
+        default: { const int WB = 8; CALL; } break; \
+    }
+
 #define KB 128 /* columns of W decoded at once by decode_block */
 
 /* Decode W rows r0 .. r0+n-1 (n <= nb), columns c0 .. c1-1 (c1 - c0 <= KB) into buf [KB][nb], transposed (row i
