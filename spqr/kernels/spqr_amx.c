@@ -277,7 +277,8 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
                     } else {
                         const int any = amx_outlier_deltas(L, r0 + t * TILE, c0, buf, next_outlier + t * TILE);
                         amx_weight_tile_any(L, r0 + t * TILE, c0, kt_n, any ? buf : NULL, dst);
-                        if (any) memset(buf, 0, sizeof(float) * AMX_KC * TILE);
+                        if (any) memset(buf, 0, sizeof(float) * AMX_KC * TILE); /* (re-walking the outliers to clear
+                                                                                     * their entries: 7% slower) */
                     }
                 }
                 for (int t = 0; t < nt; t += 2)
