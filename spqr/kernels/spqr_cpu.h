@@ -39,6 +39,13 @@ typedef struct {
     int64_t perm_int32;
 } spqr_layer;
 
+/* The entry points (cpu.py; tests/kernels/emulated_driver.c): y [M][out] = x [M][in] W^T, x in the original column
+ * order. 0 when done, 1 when out of memory; spqr_gemm_amx 2 when the tile unit is refused (nothing computed). */
+int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n_threads);
+int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads);
+int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads);
+void spqr_release_workspace(void); /* frees the scratch buffer kept between calls */
+
 #define TILE 16 /* output rows per tile: one AVX-512 vector of statistics */
 /* the matrix-vector kernel prefetches weights this many 32-column chunks ahead, into L1 and into L2 */
 #define PREFETCH_NEAR 4

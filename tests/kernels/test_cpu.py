@@ -14,17 +14,28 @@ from spqr.format.packing import pack_bitplanes
 from spqr.format.synthetic import random_packed_layer
 from spqr.kernels import cpu
 
-VARIANTS = ("native", "portable", "avx2")
+from . import emulated
+
+VARIANTS = ("native", "portable", "avx2", "aarch64")
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def kern(request) -> cpu.CpuKernels:
+    """The build for this machine, the portable and AVX2 ones, and the aarch64 one under qemu (tests/kernels/
+    emulated.py)."""
+    if request.param == "aarch64":
+        if not emulated.available():
+            pytest.skip(emulated.MISSING)
+        k = emulated.EmulatedKernels(emulated.build(cpu._cache_dir()))
+        yield k
+        k.close()
+        return
     if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= set(cpu.cpuinfo_field("flags").split()):
         pytest.skip("this CPU has no AVX2/FMA/F16C: the AVX2 build cannot run here")
     k = cpu.load(request.param)
     if k is None:
         pytest.fail(f"the {request.param} CPU kernels did not build on this machine (see the logged reason)")
-    return k
+    yield k
 
 
 def _check(layer: PackedLinear, kern: cpu.CpuKernels, rows: int, seed: int = 0, scale: float = 1.0) -> None:
