@@ -3,15 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The kernels are also tested as an ARM machine builds them: cross-compiled for aarch64 and run under qemu-user
-# (tests/kernels/emulated.py). Install the cross compiler and the emulator where apt-get can; elsewhere those
-# tests are reported as skipped, with the reason.
-CROSS_TOOLS="gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user"
-if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+# The kernels are also tested as other machines and compilers build them: cross-compiled for aarch64 and run
+# under qemu-user (tests/kernels/emulated.py), and compiled by GCC 11 and clang 14. Install those tools where
+# apt-get can; elsewhere the tests that need them are reported as skipped, with the reason.
+EXTRA_TOOLS="gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user gcc-11 clang-14 libomp-14-dev"
+missing=0
+for tool in aarch64-linux-gnu-gcc qemu-aarch64 gcc-11 clang-14; do command -v "$tool" >/dev/null || missing=1; done
+if [ "$missing" = 1 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get install -y -q $CROSS_TOOLS >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $CROSS_TOOLS >/dev/null 2>&1; } \
-            || echo "could not install $CROSS_TOOLS: the aarch64 kernel tests will be skipped"
+        apt-get install -y -q $EXTRA_TOOLS >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $EXTRA_TOOLS >/dev/null 2>&1; } \
+            || echo "could not install $EXTRA_TOOLS: the tests that need them will be skipped"
     fi
 fi
 .venv/bin/ruff check spqr tests benchmarks

@@ -32,10 +32,13 @@ HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
-    # the same kernels as plain C loops, for machines without AVX-512 and to test that path anywhere
-    "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi", "-DSPQR_PORTABLE"],
-    # what "native" compiles to on an AVX2 machine without AVX-512 (AVX2 table lookups, vector loops), to test it
-    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
+    # for the tests, what other machines and compilers build: the portable vector code (no AVX-512, AVX2 or ARM)
+    # with fp16 converted by bit arithmetic (compilers without _Float16 for the target) ...
+    "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi", "-DSPQR_PORTABLE",
+                 "-DSPQR_HALF_CONVERSION=3"],
+    # ... and an AVX2 machine's build (AVX2 table lookups, vector loops) with fp16 converted by F16C (GCC 11)
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi",
+             "-DSPQR_HALF_CONVERSION=2"],
 }
 
 
@@ -83,6 +86,7 @@ class CpuKernels:
         self.lib, self.variant = lib, variant
         self.has_avx512 = bool(lib.spqr_has_avx512())
         self.has_avx2 = bool(lib.spqr_has_avx2())  # AVX2 table lookups (builds without AVX-512)
+        self.has_openmp = bool(lib.spqr_has_openmp())  # else one thread (a compiler without OpenMP)
         self.has_amx = os.environ.get("SPQR_AMX", "1") != "0" and bool(lib.spqr_amx_enable())
         signature = [ctypes.POINTER(LayerStruct), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self._gemv = lib.spqr_gemv
@@ -204,14 +208,30 @@ def cpuinfo_field(name: str) -> str:
 
 
 def build(variant: str = "native") -> Path:
-    """Compile spqr_cpu.c (if not cached) and return the shared library's path; raises RuntimeError."""
+    """Compile spqr_cpu.c (if not cached) and return the shared library's path; raises RuntimeError.
+
+    A compiler that cannot build with OpenMP (Apple's clang, say) gets a second try without it: single-threaded
+    kernels, still far faster than the reference path."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    flags = FLAGS[variant]
+    try:
+        return _build(compiler, FLAGS[variant])
+    except RuntimeError as error:
+        try:
+            target = _build(compiler, [flag for flag in FLAGS[variant] if flag != "-fopenmp"])
+        except RuntimeError:
+            raise error from None
+        lines = str(error).splitlines()
+        log.warning("spqr: the CPU kernels were built without OpenMP, so they use one thread (the build with "
+                    "-fopenmp failed: %s)", next((line for line in lines if "error" in line), lines[-1])[:300])
+        return target
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
     texts = [path.read_text() for path in (*SOURCES, HEADER)]
     key = hashlib.sha256("\0".join([*texts, compiler, *flags, cpuinfo_field("flags")]).encode()).hexdigest()
-    target = _cache_dir() / f"spqr_cpu_{variant}_{key[:16]}.so"
+    target = _cache_dir() / f"spqr_cpu_{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,4 +266,5 @@ def describe() -> str:
     if kernels is None:
         return "spqr CPU kernels: unavailable, using the reference path (see the warning above)"
     simd = "AVX-512" if kernels.has_avx512 else "AVX2" if kernels.has_avx2 else "portable vector code"
-    return f"spqr CPU kernels: {kernels.variant} build, {simd}, AMX {'on' if kernels.has_amx else 'off'}"
+    threads = "" if kernels.has_openmp else ", one thread (built without OpenMP)"
+    return f"spqr CPU kernels: {kernels.variant} build, {simd}, AMX {'on' if kernels.has_amx else 'off'}{threads}"

@@ -13,7 +13,9 @@
  * the tile products): 20-40% faster on SmolLM2's layers at 256 rows, 15-20% on 4096-wide ones at 512 rows. */
 #include "spqr_cpu.h"
 
-#if SPQR_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+/* GCC and clang name the AMX macros differently */
+#if SPQR_AVX512 && (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__)) \
+    && defined(__AVX512BF16__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -46,11 +48,15 @@ static void amx_configure(void) {
 
 /* x == h + m + l exactly, rounded to nearest (so that, unlike truncation, the parts left out of the products
  * have random signs): bf16 parts of 8 significant bits each (values near the fp32 limits aside). */
+static inline __m512 bf16_to_float(__m256bh v) { /* exact (what GCC 12's _mm512_cvtpbh_ps does; GCC 11 has none) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
 static inline void split3_rounded(__m512 v, __m256bh *h, __m256bh *m, __m256bh *l) {
     *h = _mm512_cvtneps_pbh(v);
-    const __m512 rest = _mm512_sub_ps(v, _mm512_cvtpbh_ps(*h)); /* exact */
+    const __m512 rest = _mm512_sub_ps(v, bf16_to_float(*h)); /* exact */
     *m = _mm512_cvtneps_pbh(rest);
-    *l = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, _mm512_cvtpbh_ps(*m)));
+    *l = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, bf16_to_float(*m)));
 }
 
 /* Rows m0 .. m0+15 of x [M][K] (original column order) -> their A tiles, a [Mp/16][Kp/32][3][16][32] bf16:

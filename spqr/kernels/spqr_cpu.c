@@ -938,3 +938,8 @@ int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_th
 
 int spqr_has_avx512(void) { return SPQR_AVX512; }
 int spqr_has_avx2(void) { return SPQR_AVX2; }
+#ifdef _OPENMP
+int spqr_has_openmp(void) { return 1; }
+#else
+int spqr_has_openmp(void) { return 0; } /* built without it (cpu.py's fallback): one thread */
+#endif

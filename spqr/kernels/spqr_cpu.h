@@ -51,10 +51,42 @@ void spqr_release_workspace(void); /* frees the scratch buffer kept between call
 #define PREFETCH_NEAR 4
 #define PREFETCH_FAR 16
 
+/* fp16 bits -> float, exactly, by SPQR_HALF_CONVERSION: 1 the compiler's _Float16, 2 F16C, 3 bit arithmetic; by
+ * default the first the compiler and target have (GCC before 12 and clang before 15 have no _Float16 on x86 without
+ * AVX512-FP16: Ubuntu 22.04's and RHEL 9's compilers). The tests build each. */
+#ifndef SPQR_HALF_CONVERSION
+#if defined(__FLT16_MANT_DIG__)
+#define SPQR_HALF_CONVERSION 1
+#elif defined(__F16C__)
+#define SPQR_HALF_CONVERSION 2
+#else
+#define SPQR_HALF_CONVERSION 3
+#endif
+#endif
+#if SPQR_HALF_CONVERSION == 2
+#include <immintrin.h>
+#endif
 static inline float half_to_float(uint16_t h) {
+#if SPQR_HALF_CONVERSION == 1
     _Float16 v;
     memcpy(&v, &h, sizeof v);
     return (float)v;
+#elif SPQR_HALF_CONVERSION == 2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 31u, mantissa = h & 1023u;
+    uint32_t bits;
+    if (exponent == 31) bits = sign | 0x7f800000u | mantissa << 13;           /* infinity, NaN */
+    else if (exponent) bits = sign | (exponent + 112) << 23 | mantissa << 13; /* normal: rebias 15 -> 127 */
+    else {                                                                    /* zero, subnormal: mantissa 2^-24 */
+        const float magnitude = (float)mantissa * 0x1p-24f;
+        memcpy(&bits, &magnitude, sizeof bits);
+        bits |= sign;
+    }
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+#endif
 }
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -179,6 +181,34 @@ def test_matrix_kernel_decodes_bit_exactly(kern, perm):
         assert torch.equal(y.T, dequantize_layer(layer.spec, layer.tensors)), path
 
 
+def test_every_fp16_value_converts_exactly(kern):
+    """Every finite fp16 bit pattern (normal, subnormal, both zeros) as an outlier value, x = identity: the matrix
+    kernels' W equals the reference bit for bit, whichever fp16 conversion the build has (_Float16 natively and on
+    aarch64, F16C in the avx2 build, bit arithmetic in the portable one)."""
+    layer = random_packed_layer(64, 1024, 3, 16, 16, 3, 0.0, perm=False, seed=15)
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16).clone()
+    values[~torch.isfinite(values)] = 0.0
+    t = {**layer.tensors, "outlier_row_ptr": torch.arange(0, 65537, 1024, dtype=torch.int32),
+         "outlier_col": torch.arange(1024, dtype=torch.int16).repeat(64), "outlier_val": values}
+    layer = PackedLinear(layer.spec, t)
+    for path in ("gemm",) + (("amx",) if kern.has_amx else ()):
+        y = kern.matmul(layer.spec, t, torch.eye(1024), path=path)
+        assert torch.equal(y.T, dequantize_layer(layer.spec, t)), path
+
+
+@pytest.mark.parametrize("compiler", ["gcc-11", "clang-14"])
+def test_every_build_compiles_warning_free_with_older_compilers(compiler, tmp_path):
+    """GCC 11 (Ubuntu 22.04, RHEL 9) and clang 14 have no _Float16 on x86 without AVX512-FP16, GCC 11 no
+    _mm512_cvtpbh_ps, clang other AMX macro names: a build that fails leaves users on the slow reference path."""
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed (scripts/test.sh installs it where apt-get can)")
+    for variant, flags in cpu.FLAGS.items():
+        result = subprocess.run([compiler, *flags, "-Wall", "-Wextra", "-Werror", *map(str, cpu.SOURCES), "-o",
+                                 str(tmp_path / f"{variant}.so")], capture_output=True, text=True)
+        assert result.returncode == 0, f"{compiler}, {variant} build:\n{result.stderr[-3000:]}"
+
+
 def test_beta1_not_a_multiple_of_16_uses_the_reference_path():
     layer = random_packed_layer(20, 40, 3, 24, 16, 3, 0.02, seed=5)
     assert not layer.spec.kernel_friendly
@@ -220,6 +250,27 @@ def test_reference_only_mode_and_build_failure(monkeypatch, caplog, tmp_path):
         x = torch.randn(2, 32)  # still correct, through the reference path
         assert torch.equal(kernels.cpu_linear(layer.spec, layer.tensors, x),
                            kernels.reference_linear(layer.spec, layer.tensors, x))
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_a_compiler_without_openmp_gets_single_threaded_kernels(monkeypatch, caplog, tmp_path):
+    """As with Apple's clang, which rejects -fopenmp: the second build, without it, still gives kernels."""
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option '
+                        "'-fopenmp'\" >&2; exit 1; }; done\nexec cc \"$@\"\n")
+    compiler.chmod(0o755)
+    cpu.load.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(compiler))
+        monkeypatch.setenv("SPQR_CACHE_DIR", str(tmp_path / "cache"))
+        with caplog.at_level(logging.WARNING):
+            kern = cpu.load()
+        assert kern is not None and not kern.has_openmp
+        assert "without OpenMP" in caplog.text and "unsupported option '-fopenmp'" in caplog.text
+        assert "one thread" in cpu.describe()
+        _check(random_packed_layer(100, 96, 3, 16, 16, 3, 0.02, seed=16), kern, 1)
+        _check(random_packed_layer(100, 96, 3, 16, 16, 3, 0.02, seed=16), kern, 40)
     finally:
         cpu.load.cache_clear()
 
