@@ -147,100 +147,110 @@ static void gemv_tile_plain(const spqr_layer *L, const float *x, float *y, int64
 }
 
 #if !SPQR_AVX512
-/* Without AVX-512: a full 16-row tile column by column with the 16 rows in one GCC vector (compiled to AVX2, SSE or
- * NEON as the target allows). The scalar loop above, one bit extraction per weight, measured 30x slower than torch's
- * fp32 product on this Xeon built for AVX2 (-mno-avx512f); this loop: see the README. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+/* Without AVX-512: a full 16-row tile column by column, VW rows at a time in one GCC vector of the target's native
+ * width (AVX2: 8 floats; SSE, NEON: 4). Vectors wider than the target's (16 floats, as this code first had) made
+ * GCC spill them for NEON, most of the loop going to the stack (seen in the aarch64 assembly). The scalar loop above,
+ * one bit extraction per weight, measured 30x slower than torch's fp32 product on this Xeon built for AVX2
+ * (-mno-avx512f); this loop: see the README. */
+#if defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
 /* the same for loads and stores at any float's address */
-typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v16i_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef float vf_unaligned __attribute__((vector_size(4 * VW), aligned(4)));
+typedef int32_t vi_unaligned __attribute__((vector_size(4 * VW), aligned(4)));
 
-static inline v16i load_v16i(const int32_t *p) { return *(const v16i_unaligned *)p; }
-
-/* The WB-bit codes of column j (0..31) of a 16-row tile's 32-column chunk from its bit-plane vectors, one per lane
+/* The WB-bit codes of column j (0..31) of VW rows' 32-column chunk from their bit-plane vectors, one per lane
  * (j and WB compile-time constants after unrolling and inlining: constant shifts). */
-static inline __attribute__((always_inline)) v16i column_codes_v16(const v16i *planes, int j, const int WB) {
-    v16i q = (planes[0] >> j) & 1;
+static inline __attribute__((always_inline)) vi column_codes_vw(const vi *planes, int j, const int WB) {
+    vi q = (planes[0] >> j) & 1;
     for (int b = 1; b < WB; b++) q |= (j >= b ? planes[b] >> (j - b) : planes[b] << (b - j)) & (1 << b);
     return q;
 }
 
-/* Scale and zero of the full tile at r0 in group g, as tile_stats decodes them (bilevel codes: one vector op per
- * bit where beta2 is a multiple of 16, so the tile shares one second-level grid). */
-static inline void tile_stats_v16(const spqr_layer *L, int64_t g, int64_t r0, v16f *scale, v16f *zero) {
-    const int64_t qq = L->qq_bits;
-    if (qq == 0 || L->beta2 % TILE) {
-        float s[TILE], z[TILE];
-        tile_stats(L, g, r0, TILE, s, z);
+/* Scale and zero of rows r0 + q VW .. r0 + (q + 1) VW - 1 of the full tile at r0 (cursor c = tile_cursor_at(L, r0))
+ * in group g, as tile_stats decodes them (bilevel with beta2 a multiple of 16, mode 1: one vector op per bit, the
+ * tile sharing one second-level grid). */
+static inline void tile_stats_vw(const spqr_layer *L, const tile_cursor *c, int64_t g, int64_t r0, int q, vf *scale,
+                                 vf *zero) {
+    if (c->mode != 1) {
+        float s[VW], z[VW];
+        tile_stats(L, g, r0 + q * VW, VW, s, z);
         memcpy(scale, s, sizeof s);
         memcpy(zero, z, sizeof z);
         return;
     }
-    const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const int64_t n_groups = ceil_div(L->in_features, L->beta1), s2 = (r0 / L->beta2) * n_groups + g;
-    const int64_t word = (r0 / 32) * n_groups * qq + g * qq, shift = r0 & 31; /* this tile's 16 bits of a plane word */
-    v16i sc = {0}, zc = {0};
-    for (int64_t b = 0; b < qq; b++) {
-        const int32_t sbits = (int32_t)(((uint32_t)L->scale_codes[word + b]) >> shift);
-        const int32_t zbits = (int32_t)(((uint32_t)L->zero_codes[word + b]) >> shift);
-        sc |= ((sbits >> lane) & 1) << b;
-        zc |= ((zbits >> lane) & 1) << b;
+    vi lane;
+    for (int i = 0; i < VW; i++) lane[i] = q * VW + i;
+    vi sc = {0}, zc = {0};
+    for (int64_t b = 0; b < c->qq; b++) { /* this tile's 16 bits of plane b's word */
+        uint16_t sbits, zbits;
+        memcpy(&sbits, c->scale_codes + g * c->code_stride + 4 * b, sizeof sbits);
+        memcpy(&zbits, c->zero_codes + g * c->code_stride + 4 * b, sizeof zbits);
+        sc |= (((int32_t)sbits >> lane) & 1) << b;
+        zc |= (((int32_t)zbits >> lane) & 1) << b;
     }
-    *scale = (__builtin_convertvector(sc, v16f) - half_to_float(L->scale_zero[s2])) * half_to_float(L->scale_scale[s2]);
-    *zero = (__builtin_convertvector(zc, v16f) - half_to_float(L->zero_zero[s2])) * half_to_float(L->zero_scale[s2]);
+    *scale = (__builtin_convertvector(sc, vf) - half_to_float(c->scale_zero[g])) * half_to_float(c->scale_scale[g]);
+    *zero = (__builtin_convertvector(zc, vf) - half_to_float(c->zero_zero[g])) * half_to_float(c->zero_scale[g]);
 }
 
-/* y[r0 .. r0+15] for a full tile with WB bits per code (a compile-time constant after inlining):
+/* y[r0 .. r0+15] for a full tile with WB bits per code (a compile-time constant after inlining), VW rows per pass:
  * sum_g scale_g * (sum_{k in g} code_k x_k) - scale_g zero_g * group_sums[g], plus the outliers. */
 static inline __attribute__((always_inline)) SPQR_FMA_CONTRACT void gemv_tile_v16(const spqr_layer *L, const float *x,
                                                                 const float *group_sums, float *y, int64_t r0,
                                                                 const int WB) {
     const int64_t K = L->in_features, beta1 = L->beta1, n_chunks = ceil_div(K, 32);
     const int32_t *tile = L->qweight + (r0 / TILE) * n_chunks * WB * TILE;
-    v16f acc = {0}, dot = {0}, scale, zero;
-    int64_t g = 0, group_end = beta1; /* the first column past group g */
-    tile_stats_v16(L, 0, r0, &scale, &zero);
-    for (int64_t c = 0; c < n_chunks; c++) {
-        v16i planes[8];
-        for (int b = 0; b < WB; b++) planes[b] = load_v16i(tile + (c * WB + b) * TILE);
-        const int width = K - 32 * c < 32 ? (int)(K - 32 * c) : 32;
+    const tile_cursor cursor = tile_cursor_at(L, r0);
+    for (int q = 0; q < TILE / VW; q++) {
+        vf acc = {0}, dot = {0}, scale, zero;
+        int64_t g = 0, group_end = beta1; /* the first column past group g */
+        tile_stats_vw(L, &cursor, 0, r0, q, &scale, &zero);
+        for (int64_t c = 0; c < n_chunks; c++) {
+            vi planes[8];
+            for (int b = 0; b < WB; b++) planes[b] = *(const vi_unaligned *)(tile + (c * WB + b) * TILE + q * VW);
+            const int width = K - 32 * c < 32 ? (int)(K - 32 * c) : 32;
 #pragma GCC unroll 32
-        for (int j = 0; j < 32; j++) {
-            if (j >= width) break;
-            const int64_t col = 32 * c + j;
-            if (col == group_end) { /* group g is complete */
-                acc += scale * dot - scale * zero * group_sums[g];
-                dot = (v16f){0};
-                tile_stats_v16(L, ++g, r0, &scale, &zero);
-                group_end += beta1;
+            for (int j = 0; j < 32; j++) {
+                if (j >= width) break;
+                const int64_t col = 32 * c + j;
+                if (col == group_end) { /* group g is complete */
+                    acc += scale * dot - scale * zero * group_sums[g];
+                    dot = (vf){0};
+                    tile_stats_vw(L, &cursor, ++g, r0, q, &scale, &zero);
+                    group_end += beta1;
+                }
+                dot += __builtin_convertvector(column_codes_vw(planes, j, WB), vf) * x[col];
             }
-            dot += __builtin_convertvector(column_codes_v16(planes, j, WB), v16f) * x[col];
         }
+        acc += scale * dot - scale * zero * group_sums[g];
+        for (int i = 0; i < VW; i++) y[r0 + q * VW + i] = acc[i] + outlier_dot(L, r0 + q * VW + i, x);
     }
-    acc += scale * dot - scale * zero * group_sums[g];
-    for (int i = 0; i < TILE; i++) y[r0 + i] = acc[i] + outlier_dot(L, r0 + i, x);
 }
 
 /* Columns c0 .. c1-1 (c0 a multiple of 32) of the full tile at r0 decoded like decode_tile16 (the AVX-512 version):
- * column k to dst[(k - c0) * nb + 0..15], (code - zero) * scale. */
+ * column k to dst[(k - c0) * nb + 0..15], (code - zero) * scale, VW rows per pass. */
 static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_layer *L, int64_t r0, int64_t c0,
                                                                   int64_t c1, float *dst, int nb, const int WB) {
     const int32_t *tile = L->qweight + (r0 / TILE) * ceil_div(L->in_features, 32) * WB * TILE;
-    int64_t g = -1;
-    v16f scale = {0}, zero = {0};
-    for (int64_t c = c0 / 32; c * 32 < c1; c++) {
-        v16i planes[8];
-        for (int b = 0; b < WB; b++) planes[b] = load_v16i(tile + (c * WB + b) * TILE);
+    const tile_cursor cursor = tile_cursor_at(L, r0);
+    for (int q = 0; q < TILE / VW; q++) {
+        int64_t g = -1;
+        vf scale = {0}, zero = {0};
+        for (int64_t c = c0 / 32; c * 32 < c1; c++) {
+            vi planes[8];
+            for (int b = 0; b < WB; b++) planes[b] = *(const vi_unaligned *)(tile + (c * WB + b) * TILE + q * VW);
 #pragma GCC unroll 32
-        for (int j = 0; j < 32; j++) {
-            const int64_t col = 32 * c + j;
-            if (col >= c1) break;
-            if (j % 16 == 0 && col / L->beta1 != g) tile_stats_v16(L, g = col / L->beta1, r0, &scale, &zero);
-            const v16f codes = __builtin_convertvector(column_codes_v16(planes, j, WB), v16f);
-            *(v16f_unaligned *)(dst + (col - c0) * nb) = (codes - zero) * scale;
+            for (int j = 0; j < 32; j++) {
+                const int64_t col = 32 * c + j;
+                if (col >= c1) break;
+                if (j % 16 == 0 && col / L->beta1 != g) tile_stats_vw(L, &cursor, g = col / L->beta1, r0, q, &scale, &zero);
+                const vf codes = __builtin_convertvector(column_codes_vw(planes, j, WB), vf);
+                *(vf_unaligned *)(dst + (col - c0) * nb + q * VW) = (codes - zero) * scale;
+            }
         }
     }
 }
@@ -290,56 +300,59 @@ __attribute__((constructor)) static void fill_bit_lanes(void) {
         for (int i = 0; i < 8; i++) bit_lanes[m][i] = (float)((m >> i) & 1);
 }
 
-/* Scale and zero of the tile at r0 in group g for rows 8r .. 8r + 7 (r = 0, 1), bilevel with beta2 a multiple of 16:
- * sum_b 2^b bit_b * second_scale - second_zero * second_scale, by FMAs on bit_lanes (the product (code - zero) * scale
- * of tile_stats_v16 in other roundings; on 4096^2 the whole product measured 1-8% faster than with it). */
-static inline void tile_stats_avx2(const spqr_layer *L, int64_t g, int64_t r0, __m256 *scale, __m256 *zero) {
-    const int64_t qq = L->qq_bits, n_groups = ceil_div(L->in_features, L->beta1);
-    const int64_t s2 = (r0 / L->beta2) * n_groups + g, word = (r0 / 32) * n_groups * qq + g * qq, shift = r0 & 31;
-    const float ss = half_to_float(L->scale_scale[s2]), zs = half_to_float(L->zero_scale[s2]);
-    const float sz = half_to_float(L->scale_zero[s2]), zz = half_to_float(L->zero_zero[s2]);
+/* Scale and zero of the tile at cursor c (mode 1: bilevel, beta2 a multiple of 16) in group g for rows 8r .. 8r + 7
+ * (r = 0, 1): sum_b 2^b bit_b * second_scale - second_zero * second_scale, by FMAs on bit_lanes (the product
+ * (code - zero) * scale of tile_stats_vw in other roundings; on 4096^2 the whole product measured 1-8% faster than
+ * with it). Each code byte holds 8 rows' bits of one plane. QQ: qq_bits as a constant, or 0 (read from c). */
+static inline __attribute__((always_inline)) void tile_stats_avx2(const tile_cursor *c, int64_t g, __m256 *scale,
+                                                                  __m256 *zero, const int QQ) {
+    const int64_t qq = QQ ? QQ : c->qq;
+    const uint8_t *scale_codes = (const uint8_t *)c->scale_codes + g * c->code_stride;
+    const uint8_t *zero_codes = (const uint8_t *)c->zero_codes + g * c->code_stride;
+    const float ss = half_to_float(c->scale_scale[g]), zs = half_to_float(c->zero_scale[g]);
+    const float sz = half_to_float(c->scale_zero[g]), zz = half_to_float(c->zero_zero[g]);
     for (int r = 0; r < 2; r++) {
         __m256 s = _mm256_set1_ps(-sz * ss), z = _mm256_set1_ps(-zz * zs);
+#pragma GCC unroll 8
         for (int64_t b = 0; b < qq; b++) {
-            const int sbits = (int)((((uint32_t)L->scale_codes[word + b]) >> (shift + 8 * r)) & 255u);
-            const int zbits = (int)((((uint32_t)L->zero_codes[word + b]) >> (shift + 8 * r)) & 255u);
-            s = _mm256_fmadd_ps(_mm256_loadu_ps(bit_lanes[sbits]), _mm256_set1_ps(ss * (float)(1 << b)), s);
-            z = _mm256_fmadd_ps(_mm256_loadu_ps(bit_lanes[zbits]), _mm256_set1_ps(zs * (float)(1 << b)), z);
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(bit_lanes[scale_codes[4 * b + r]]), _mm256_set1_ps(ss * (float)(1 << b)), s);
+            z = _mm256_fmadd_ps(_mm256_loadu_ps(bit_lanes[zero_codes[4 * b + r]]), _mm256_set1_ps(zs * (float)(1 << b)), z);
         }
         scale[r] = s;
         zero[r] = z;
     }
 }
 
-/* gemv_tile_v16 by table lookup (beta1 a multiple of 16, full tile). */
+/* gemv_tile_v16 by table lookup (beta1 a multiple of 16, full tile), group by group (no divisions per column half:
+ * they took ~15% of a 4096^2 product). QQ: qq_bits as a constant, or 0. */
 static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_layer *L, const float *lut3, const float *x,
                                                                  const float *group_sums, float *y, int64_t r0,
-                                                                 const int WB) {
+                                                                 const int WB, const int QQ) {
     const int64_t K = L->in_features, halves_per_group = L->beta1 / 16, n_halves = ceil_div(K, 16);
     const int32_t *tile = L->qweight + (r0 / TILE) * ceil_div(K, 32) * WB * TILE;
-    const int bilevel16 = L->qq_bits > 0 && L->beta2 % TILE == 0;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, scale[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    const tile_cursor cursor = tile_cursor_at(L, r0);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, scale[2], zero[2];
     __m256 zero_term[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t h = 0; h < n_halves; h++) {
-        if (h % halves_per_group == 0) { /* a new group */
-            const int64_t g = h / halves_per_group;
-            __m256 zero[2];
-            if (bilevel16) tile_stats_avx2(L, g, r0, scale, zero);
-            else {
-                v16f sv, zv;
-                tile_stats_v16(L, g, r0, &sv, &zv);
-                memcpy(scale, &sv, sizeof sv);
-                memcpy(zero, &zv, sizeof zv);
-            }
-            for (int r = 0; r < 2; r++)
-                zero_term[r] = _mm256_fmadd_ps(_mm256_mul_ps(scale[r], zero[r]), _mm256_set1_ps(group_sums[g]), zero_term[r]);
+    for (int64_t g = 0, h = 0; h < n_halves; g++) {
+        if (cursor.mode == 1) tile_stats_avx2(&cursor, g, scale, zero, QQ);
+        else {
+            float sv[TILE], zv[TILE];
+            tile_stats(L, g, r0, TILE, sv, zv);
+            memcpy(scale, sv, sizeof sv);
+            memcpy(zero, zv, sizeof zv);
         }
-        __m256 tables[6];
-        for (int t = 0; t < 6; t++) tables[t] = _mm256_loadu_ps(lut3 + (h * 6 + t) * 8);
-        const int32_t *planes = tile + (h / 2) * WB * TILE;
-        for (int r = 0; r < 2; r++) { /* rows 0-7, 8-15 */
-            const __m256 dot = h & 1 ? half_dot8(planes + 8 * r, tables, 16, WB) : half_dot8(planes + 8 * r, tables, 0, WB);
-            acc[r] = _mm256_fmadd_ps(dot, scale[r], acc[r]);
+        for (int r = 0; r < 2; r++)
+            zero_term[r] = _mm256_fmadd_ps(_mm256_mul_ps(scale[r], zero[r]), _mm256_set1_ps(group_sums[g]), zero_term[r]);
+        for (const int64_t group_end = h + halves_per_group < n_halves ? h + halves_per_group : n_halves;
+             h < group_end; h++) {
+            __m256 tables[6];
+            for (int t = 0; t < 6; t++) tables[t] = _mm256_loadu_ps(lut3 + (h * 6 + t) * 8);
+            const int32_t *planes = tile + (h / 2) * WB * TILE;
+            for (int r = 0; r < 2; r++) { /* rows 0-7, 8-15 */
+                const __m256 dot = h & 1 ? half_dot8(planes + 8 * r, tables, 16, WB)
+                                         : half_dot8(planes + 8 * r, tables, 0, WB);
+                acc[r] = _mm256_fmadd_ps(dot, scale[r], acc[r]);
+            }
         }
     }
     float out[TILE];
@@ -350,7 +363,8 @@ static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_laye
 
 static void gemv_tile_avx2_any(const spqr_layer *L, const float *lut3, const float *x, const float *group_sums, float *y,
                                int64_t r0) {
-    SPQR_FOR_WBITS(L->wbits, gemv_tile_avx2(L, lut3, x, group_sums, y, r0, WB))
+    if (L->qq_bits == 3) SPQR_FOR_WBITS(L->wbits, gemv_tile_avx2(L, lut3, x, group_sums, y, r0, WB, 3))
+    else SPQR_FOR_WBITS(L->wbits, gemv_tile_avx2(L, lut3, x, group_sums, y, r0, WB, 0))
 }
 #endif
 
@@ -826,23 +840,24 @@ static SPQR_FMA_CONTRACT void block_multiply(const float *buf, int nb, const flo
                 _mm512_storeu_ps(arow + i * Mp + 16, a1[i]);
             }
 #else
-            for (int j0 = 0; j0 < 32; j0 += 16) /* 6 rows of W x 16 rows of X in 12 vectors of 8 (AVX2: 15 registers) */
+            for (int j0 = 0; j0 < 32; j0 += 16) /* 6 rows of W x 16 rows of X (AVX2: 12 accumulators; NEON: 24) */
                 for (int i0 = 0; i0 < MR; i0 += 6) {
-                    v8f a[6][2];
+                    vf a[6][16 / VW];
                     for (int i = 0; i < 6; i++)
-                        for (int q = 0; q < 2; q++) a[i][q] = *(const v8f_unaligned *)(arow + (i0 + i) * Mp + j0 + 8 * q);
+                        for (int q = 0; q < 16 / VW; q++)
+                            a[i][q] = *(const vf_unaligned *)(arow + (i0 + i) * Mp + j0 + VW * q);
                     for (int64_t k = 0; k < kn; k++) {
-                        const v8f x0 = *(const v8f_unaligned *)(panel + k * 32 + j0);
-                        const v8f x1 = *(const v8f_unaligned *)(panel + k * 32 + j0 + 8);
+                        vf xv[16 / VW];
+                        for (int q = 0; q < 16 / VW; q++) xv[q] = *(const vf_unaligned *)(panel + k * 32 + j0 + VW * q);
 #pragma GCC unroll 6
                         for (int i = 0; i < 6; i++) {
                             const float wv = w[k * nb + i0 + i];
-                            a[i][0] += wv * x0;
-                            a[i][1] += wv * x1;
+                            for (int q = 0; q < 16 / VW; q++) a[i][q] += wv * xv[q];
                         }
                     }
                     for (int i = 0; i < 6; i++)
-                        for (int q = 0; q < 2; q++) *(v8f_unaligned *)(arow + (i0 + i) * Mp + j0 + 8 * q) = a[i][q];
+                        for (int q = 0; q < 16 / VW; q++)
+                            *(vf_unaligned *)(arow + (i0 + i) * Mp + j0 + VW * q) = a[i][q];
                 }
 #endif
         }

@@ -186,23 +186,6 @@ __attribute__((visibility("hidden"))) void workspace_release(workspace ws);
 __attribute__((visibility("hidden"))) void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0,
                                                         int64_t c1, float *buf, int32_t *next_outlier);
 
-#if SPQR_AVX512
-/* A 16-bit lane mask straight from memory (kmovw k, m16: a load, no trip through a general register). */
-static inline __mmask16 load_mask16(const void *p) {
-    __mmask16 k;
-    __asm__("kmovw %1, %0" : "=k"(k) : "m"(*(const uint16_t *)p));
-    return k;
-}
-
-/* x_perm[k .. k+15] (lanes outside `valid` zero): x [in] in the original column order, gathered through perm. */
-static inline __m512 load_x_perm16(const spqr_layer *L, const float *x, int64_t k, __mmask16 valid) {
-    if (!L->perm) return _mm512_maskz_loadu_ps(valid, x + k);
-    const __m512i cols = L->perm_int32
-        ? _mm512_maskz_loadu_epi32(valid, (const int32_t *)L->perm + k)
-        : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(valid, (const int16_t *)L->perm + k));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, cols, x, 4);
-}
-
 /* Where the statistics of one full 16-row tile (r0 a multiple of 16) live; group g is `g * stride` further. */
 typedef struct {
     int mode; /* 0: fp16 values, 1: bilevel with one second-level group per tile, 2: bilevel, any beta2 */
@@ -237,6 +220,23 @@ static inline tile_cursor tile_cursor_at(const spqr_layer *L, int64_t r0) {
     c.zero_zero = L->zero_zero + s2;
     c.second_stride = 1;
     return c;
+}
+
+#if SPQR_AVX512
+/* A 16-bit lane mask straight from memory (kmovw k, m16: a load, no trip through a general register). */
+static inline __mmask16 load_mask16(const void *p) {
+    __mmask16 k;
+    __asm__("kmovw %1, %0" : "=k"(k) : "m"(*(const uint16_t *)p));
+    return k;
+}
+
+/* x_perm[k .. k+15] (lanes outside `valid` zero): x [in] in the original column order, gathered through perm. */
+static inline __m512 load_x_perm16(const spqr_layer *L, const float *x, int64_t k, __mmask16 valid) {
+    if (!L->perm) return _mm512_maskz_loadu_ps(valid, x + k);
+    const __m512i cols = L->perm_int32
+        ? _mm512_maskz_loadu_epi32(valid, (const int32_t *)L->perm + k)
+        : _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(valid, (const int16_t *)L->perm + k));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, cols, x, 4);
 }
 
 static inline __m512 decode_stat16(const char *codes, int64_t qq, uint16_t second_scale, uint16_t second_zero) {
