@@ -199,9 +199,9 @@ static inline void tile_stats_vw(const spqr_layer *L, const tile_cursor *c, int6
 
 /* y[r0 .. r0+15] for a full tile with WB bits per code (a compile-time constant after inlining), VW rows per pass:
  * sum_g scale_g * (sum_{k in g} code_k x_k) - scale_g zero_g * group_sums[g], plus the outliers. */
-static inline __attribute__((always_inline)) SPQR_FMA_CONTRACT void gemv_tile_v16(const spqr_layer *L, const float *x,
-                                                                const float *group_sums, float *y, int64_t r0,
-                                                                const int WB) {
+static inline __attribute__((always_inline)) SPQR_FMA_CONTRACT void gemv_tile_vw(const spqr_layer *L, const float *x,
+                                                               const float *group_sums, float *y, int64_t r0,
+                                                               const int WB) {
     const int64_t K = L->in_features, beta1 = L->beta1, n_chunks = ceil_div(K, 32);
     const int32_t *tile = L->qweight + (r0 / TILE) * n_chunks * WB * TILE;
     const tile_cursor cursor = tile_cursor_at(L, r0);
@@ -233,8 +233,8 @@ static inline __attribute__((always_inline)) SPQR_FMA_CONTRACT void gemv_tile_v1
 
 /* Columns c0 .. c1-1 (c0 a multiple of 32) of the full tile at r0 decoded like decode_tile16 (the AVX-512 version):
  * column k to dst[(k - c0) * nb + 0..15], (code - zero) * scale, VW rows per pass. */
-static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_layer *L, int64_t r0, int64_t c0,
-                                                                  int64_t c1, float *dst, int nb, const int WB) {
+static inline __attribute__((always_inline)) void decode_tile_vw(const spqr_layer *L, int64_t r0, int64_t c0,
+                                                                 int64_t c1, float *dst, int nb, const int WB) {
     const int32_t *tile = L->qweight + (r0 / TILE) * ceil_div(L->in_features, 32) * WB * TILE;
     const tile_cursor cursor = tile_cursor_at(L, r0);
     for (int q = 0; q < TILE / VW; q++) {
@@ -255,8 +255,8 @@ static inline __attribute__((always_inline)) void decode_tile_v16(const spqr_lay
     }
 }
 
-static void decode_tile_v16_any(const spqr_layer *L, int64_t r0, int64_t c0, int64_t c1, float *dst, int nb) {
-    SPQR_FOR_WBITS(L->wbits, decode_tile_v16(L, r0, c0, c1, dst, nb, WB))
+static void decode_tile_vw_any(const spqr_layer *L, int64_t r0, int64_t c0, int64_t c1, float *dst, int nb) {
+    SPQR_FOR_WBITS(L->wbits, decode_tile_vw(L, r0, c0, c1, dst, nb, WB))
 }
 
 #if SPQR_AVX2
@@ -323,7 +323,7 @@ static inline __attribute__((always_inline)) void tile_stats_avx2(const tile_cur
     }
 }
 
-/* gemv_tile_v16 by table lookup (beta1 a multiple of 16, full tile), group by group (no divisions per column half:
+/* gemv_tile_vw by table lookup (beta1 a multiple of 16, full tile), group by group (no divisions per column half:
  * they took ~15% of a 4096^2 product). QQ: qq_bits as a constant, or 0. */
 static inline __attribute__((always_inline)) void gemv_tile_avx2(const spqr_layer *L, const float *lut3, const float *x,
                                                                  const float *group_sums, float *y, int64_t r0,
@@ -368,9 +368,9 @@ static void gemv_tile_avx2_any(const spqr_layer *L, const float *lut3, const flo
 }
 #endif
 
-static SPQR_FMA_CONTRACT void gemv_tile_v16_any(const spqr_layer *L, const float *x, const float *group_sums, float *y,
-                                                int64_t r0) {
-    SPQR_FOR_WBITS(L->wbits, gemv_tile_v16(L, x, group_sums, y, r0, WB))
+static SPQR_FMA_CONTRACT void gemv_tile_vw_any(const spqr_layer *L, const float *x, const float *group_sums, float *y,
+                                               int64_t r0) {
+    SPQR_FOR_WBITS(L->wbits, gemv_tile_vw(L, x, group_sums, y, r0, WB))
 }
 #endif
 
@@ -682,7 +682,7 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
 #endif
 #if !SPQR_AVX512
                     if (n == TILE) {
-                        gemv_tile_v16_any(L, x, group_sums, ym, r0);
+                        gemv_tile_vw_any(L, x, group_sums, ym, r0);
                         continue;
                     }
 #endif
@@ -758,7 +758,7 @@ void decode_block(const spqr_layer *L, int64_t r0, int n, int nb, int64_t c0, in
         }
 #else
         if (tn == TILE) {
-            decode_tile_v16_any(L, r0 + t0, c0, c1, buf + t0, nb);
+            decode_tile_vw_any(L, r0 + t0, c0, c1, buf + t0, nb);
             continue;
         }
 #endif
