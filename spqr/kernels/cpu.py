@@ -211,21 +211,25 @@ def build(variant: str = "native") -> Path:
     """Compile spqr_cpu.c (if not cached) and return the shared library's path; raises RuntimeError.
 
     A compiler that cannot build with OpenMP (Apple's clang, say) gets a second try without it: single-threaded
-    kernels, still far faster than the reference path."""
+    kernels, still far faster than the reference path; one that rejects -march=native too, a third without
+    either (the target's baseline vector code)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     try:
         return _build(compiler, FLAGS[variant])
     except RuntimeError as error:
-        try:
-            target = _build(compiler, [flag for flag in FLAGS[variant] if flag != "-fopenmp"])
-        except RuntimeError:
-            raise error from None
-        lines = str(error).splitlines()
-        log.warning("spqr: the CPU kernels were built without OpenMP, so they use one thread (the build with "
-                    "-fopenmp failed: %s)", next((line for line in lines if "error" in line), lines[-1])[:300])
-        return target
+        for dropped in (("-fopenmp",), ("-fopenmp", "-march=native")):
+            try:
+                target = _build(compiler, [flag for flag in FLAGS[variant] if flag not in dropped])
+            except RuntimeError:
+                continue
+            lines = str(error).splitlines()
+            log.warning("spqr: the CPU kernels were built without %s, so they use one thread%s (the first build "
+                        "failed: %s)", " and ".join(dropped), "" if len(dropped) == 1 else " and no CPU-specific code",
+                        next((line for line in lines if "error" in line), lines[-1])[:300])
+            return target
+        raise error from None
 
 
 def _build(compiler: str, flags: list[str]) -> Path:

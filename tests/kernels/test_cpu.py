@@ -254,11 +254,14 @@ def test_reference_only_mode_and_build_failure(monkeypatch, caplog, tmp_path):
         cpu.load.cache_clear()
 
 
-def test_a_compiler_without_openmp_gets_single_threaded_kernels(monkeypatch, caplog, tmp_path):
-    """As with Apple's clang, which rejects -fopenmp: the second build, without it, still gives kernels."""
-    compiler = tmp_path / "cc-without-openmp"
-    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option '
-                        "'-fopenmp'\" >&2; exit 1; }; done\nexec cc \"$@\"\n")
+@pytest.mark.parametrize("rejected", [["-fopenmp"], ["-fopenmp", "-march=native"]])
+def test_a_compiler_without_openmp_gets_single_threaded_kernels(monkeypatch, caplog, tmp_path, rejected):
+    """As with Apple's clang, which rejects -fopenmp (and maybe -march=native): the builds without them still give
+    kernels."""
+    compiler = tmp_path / "cc-without"
+    tests = "".join(f'[ "$a" = {flag} ] && {{ echo "error: unsupported option \'{flag}\'" >&2; exit 1; }}; '
+                    for flag in rejected)
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do {tests}done\nexec cc "$@"\n')
     compiler.chmod(0o755)
     cpu.load.cache_clear()
     try:
@@ -267,8 +270,11 @@ def test_a_compiler_without_openmp_gets_single_threaded_kernels(monkeypatch, cap
         with caplog.at_level(logging.WARNING):
             kern = cpu.load()
         assert kern is not None and not kern.has_openmp
-        assert "without OpenMP" in caplog.text and "unsupported option '-fopenmp'" in caplog.text
+        assert f"built without {' and '.join(rejected)}" in caplog.text
+        assert "(the first build failed: error: unsupported option" in caplog.text
         assert "one thread" in cpu.describe()
+        if "-march=native" in rejected:  # the target's baseline: on x86-64, SSE2
+            assert not kern.has_avx512 and not kern.has_avx2
         _check(random_packed_layer(100, 96, 3, 16, 16, 3, 0.02, seed=16), kern, 1)
         _check(random_packed_layer(100, 96, 3, 16, 16, 3, 0.02, seed=16), kern, 40)
     finally:
