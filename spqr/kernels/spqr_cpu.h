@@ -16,8 +16,9 @@
 #else
 #define SPQR_AVX512 0
 #endif
-/* without AVX-512, the matrix-vector product still uses AVX2 table lookups where the build targets AVX2 and FMA */
-#if !SPQR_AVX512 && defined(__AVX2__) && defined(__FMA__) && !defined(SPQR_PORTABLE)
+/* without AVX-512, the matrix-vector product still uses AVX2 table lookups where the build targets AVX2, FMA and F16C
+ * (its outlier loop converts fp16 eight at a time) */
+#if !SPQR_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(SPQR_PORTABLE)
 #define SPQR_AVX2 1
 #include <immintrin.h>
 #else

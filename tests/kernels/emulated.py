@@ -91,8 +91,6 @@ class EmulatedKernels(cpu.CpuKernels):
             (status,) = struct.unpack("<q", self._read(8))
             if status == 0:
                 ctypes.memmove(y_ptr, self._read(4 * rows * layer.out_features), 4 * rows * layer.out_features)
-        if status < 0:
-            raise RuntimeError("the emulated kernels could not read the request")
         return status
 
     def _read(self, size: int) -> bytes:

@@ -5,7 +5,8 @@
  *   [path (0 gemv, 1 gemm), rows, threads, in, out, wbits, beta1, beta2, qq_bits, outlier_col_int32, perm_int32],
  * then each of qweight, scale_codes, zero_codes, scale_scale, scale_zero, zero_scale, zero_zero, scale_fp16,
  * zero_fp16, row_ptr, outlier_col, outlier_val, perm and x as an int64 byte count (-1: absent) and the bytes.
- * A reply: int64 status (the kernel's return value; -1 unreadable request), then rows x out floats when 0.
+ * A reply: int64 status (the kernel's return value), then rows x out floats when 0. A request it cannot read or
+ * hold ends the process (the caller reports that it stopped).
  * Path 2 (a header alone): spqr_release_workspace, reply 0. */
 #include <stdio.h>
 
@@ -27,13 +28,12 @@ int main(void) {
             continue;
         }
         void *arrays[N_ARRAYS] = {0};
-        int64_t status = 0;
-        for (int i = 0; i < N_ARRAYS && status == 0; i++) {
+        for (int i = 0; i < N_ARRAYS; i++) {
             int64_t bytes;
             if (!read_exact(&bytes, sizeof bytes)) return 1;
             if (bytes < 0) continue;
             arrays[i] = malloc(bytes ? (size_t)bytes : 1);
-            if (!arrays[i] || !read_exact(arrays[i], (size_t)bytes)) status = -1;
+            if (!arrays[i] || !read_exact(arrays[i], (size_t)bytes)) return 1;
         }
         const spqr_layer L = {
             .in_features = h[3], .out_features = h[4], .wbits = h[5], .beta1 = h[6], .beta2 = h[7],
@@ -42,8 +42,8 @@ int main(void) {
             .scale_fp16 = arrays[7], .zero_fp16 = arrays[8], .row_ptr = arrays[9], .outlier_col = arrays[10],
             .outlier_col_int32 = h[9], .outlier_val = arrays[11], .perm = arrays[12], .perm_int32 = h[10]};
         float *y = malloc(sizeof(float) * (size_t)(h[1] * h[4]) + 1);
-        if (status == 0) status = !y ? 1 : h[0] == 0 ? spqr_gemv(&L, h[1], arrays[13], y, (int)h[2])
-                                                     : spqr_gemm(&L, h[1], arrays[13], y, (int)h[2]);
+        const int64_t status = !y ? 1 : h[0] == 0 ? spqr_gemv(&L, h[1], arrays[13], y, (int)h[2])
+                                                  : spqr_gemm(&L, h[1], arrays[13], y, (int)h[2]);
         fwrite(&status, sizeof status, 1, stdout);
         if (status == 0) fwrite(y, sizeof(float), (size_t)(h[1] * h[4]), stdout);
         fflush(stdout);
