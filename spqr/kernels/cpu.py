@@ -36,9 +36,11 @@ FLAGS = {
     # with fp16 converted by bit arithmetic (compilers without _Float16 for the target) ...
     "portable": ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi", "-DSPQR_PORTABLE",
                  "-DSPQR_HALF_CONVERSION=3"],
-    # ... and an AVX2 machine's build (AVX2 table lookups, vector loops) with fp16 converted by F16C (GCC 11)
+    # ... an AVX2 machine's build (AVX2 table lookups, vector loops) with fp16 converted by F16C (GCC 11) ...
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi",
              "-DSPQR_HALF_CONVERSION=2"],
+    # ... and an AVX-512 one without VBMI, GFNI or AMX (Skylake-X, Cascade Lake): masked-add statistics decoder
+    "avx512": ["-O3", "-march=skylake-avx512", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
 }
 
 

@@ -375,12 +375,24 @@ static SPQR_FMA_CONTRACT void gemv_tile_vw_any(const spqr_layer *L, const float 
 #endif
 
 #if SPQR_AVX512
+/* The first-level codes of the statistics (bilevel, mode 1) are decoded in one of two ways: by qq masked adds of
+ * precomputed multiples (any AVX-512), or where the CPU has byte permutes (AVX512-VBMI) and GF(2) affine
+ * transforms (GFNI) by transposing their bit-planes into one byte per row (decode_group_codes): fewer operations,
+ * and only the group's two coefficients per statistic to prepare (matrix-vector product 1-2% faster, cold). */
+#if defined(__AVX512VBMI__) && defined(__GFNI__)
+#define SPQR_CODE_TRANSPOSE 1
+#else
+#define SPQR_CODE_TRANSPOSE 0
+#endif
+
 /* Bilevel statistics of one 16-row tile (mode 1) as coefficients per group g, [2 qq + 2][n_groups]:
  *   scale(g)            = sum over the set bits b of the scale code of coef[b][g]          + coef[qq][g]
  *   zero(g) * xsum(g)   = sum over the set bits b of the zero code of coef[qq + 1 + b][g]  + coef[2 qq + 1][g]
  * with coef[b] = 2^b * second-level scale, coef[qq] = -second-level zero * scale (zero: the same, times the
- * group's sum of x). The matrix-vector kernel then decodes a statistic with qq masked adds. */
-static void bilevel_coefficients(const spqr_layer *L, int64_t r0, const float *group_sums, float *coef) {
+ * group's sum of x). The masked-add decoder reads them all; the transposing one only coef[0] and coef[qq]
+ * (scale = code * coef[0] + coef[qq]), so `multiples` (qq or 1) says how many of coef[0 .. qq-1] to write. */
+static void bilevel_coefficients(const spqr_layer *L, int64_t r0, const float *group_sums, float *coef,
+                                 int64_t multiples) {
     const int64_t n_groups = ceil_div(L->in_features, L->beta1), qq = L->qq_bits, s2 = (r0 / L->beta2) * n_groups;
     for (int64_t g = 0; g < n_groups; g += 16) {
         const __mmask16 k = n_groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_groups - g)) - 1u);
@@ -394,7 +406,8 @@ static void bilevel_coefficients(const spqr_layer *L, int64_t r0, const float *g
             if (stat) unit = _mm512_mul_ps(unit, xsum);
             _mm512_mask_storeu_ps(c + qq * n_groups, k, stat ? _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(offset, xsum))
                                                              : _mm512_sub_ps(_mm512_setzero_ps(), offset));
-            for (int64_t b = 0; b < qq; b++, unit = _mm512_add_ps(unit, unit)) _mm512_mask_storeu_ps(c + b * n_groups, k, unit);
+            for (int64_t b = 0; b < multiples; b++, unit = _mm512_add_ps(unit, unit))
+                _mm512_mask_storeu_ps(c + b * n_groups, k, unit);
         }
     }
 }
@@ -409,6 +422,14 @@ static inline void prefetch_second_level(const spqr_layer *L, int64_t r, int64_t
         for (int64_t g = 0; g < n_groups; g += 32) _mm_prefetch((const char *)(second[a] + g), _MM_HINT_T0);
 }
 
+/* Runs the statements with t = 0 and, if NT > 1, t = 1 (NT a compile-time constant): indices known from the start,
+ * so that arrays indexed by t stay in registers (with a loop under `#pragma GCC unroll`, GCC kept them in memory). */
+#define FOR_EACH_TILE(NT, t, ...)   \
+    do {                            \
+        { const int t = 0; __VA_ARGS__ } \
+        if ((NT) > 1) { const int t = 1; __VA_ARGS__ } \
+    } while (0)
+
 /* sum over the set bits b (mask from the 16-bit half-words at codes + 4 b) of coef[b * stride] + coef[qq * stride]
  * (unrolled where qq is a compile-time constant after inlining: the matrix-vector product measured 7-12% faster) */
 static inline __attribute__((always_inline)) __m512 masked_sum16(const char *codes, int64_t qq, const float *coef,
@@ -418,6 +439,65 @@ static inline __attribute__((always_inline)) __m512 masked_sum16(const char *cod
     for (int64_t b = 0; b < qq; b++) v = _mm512_mask_add_ps(v, load_mask16(codes + 4 * b), v, _mm512_set1_ps(coef[b * stride]));
     return v;
 }
+
+#if SPQR_CODE_TRANSPOSE
+/* Constants that turn a group's first-level codes of a tile pair (or one tile) from bit-planes into one byte per
+ * row: a two-source byte permute (gather) puts each 8-row slice of each statistic's planes into a qword, plane b in
+ * byte 7 - b (keep: the bytes that hold a plane); that qword is an 8x8 bit matrix, which a GF(2) affine transform of
+ * the bytes 1 << j (unit_bytes) transposes: result byte j = the code of the slice's row j. Output qword q holds
+ * statistic q / 4 (scale, zero), tile (q / 2) % 2, rows 8 (q % 2) ..; spread[2 s + t] moves statistic s of tile t
+ * into the low bytes of 16 dword lanes. */
+typedef struct {
+    __m512i gather, unit_bytes, spread[4];
+    __mmask64 keep, load; /* load: the 4 qq bytes of plane words of one group */
+} code_transpose;
+
+/* first_byte: where the first tile's rows start in the 32-row plane words (0, or 2 for a lone upper tile) */
+static inline code_transpose code_transpose_at(int64_t qq, int first_byte) {
+    uint8_t gather[64], unit[64], spread[4][64];
+    uint64_t keep = 0;
+    for (int q = 0; q < 8; q++)
+        for (int j = 0; j < 8; j++) {
+            const int stat = q / 4, tile = (q / 2) % 2, half = q % 2, plane = 7 - j;
+            gather[8 * q + j] = (uint8_t)(64 * stat + 4 * plane + 2 * tile + half + first_byte);
+            if (plane < qq) keep |= 1ull << (8 * q + j);
+            unit[8 * q + j] = (uint8_t)(1u << j);
+        }
+    for (int st = 0; st < 4; st++)
+        for (int i = 0; i < 64; i++) spread[st][i] = (uint8_t)(16 * st + i / 4);
+    code_transpose ct;
+    ct.gather = _mm512_loadu_si512(gather);
+    ct.unit_bytes = _mm512_loadu_si512(unit);
+    for (int st = 0; st < 4; st++) ct.spread[st] = _mm512_loadu_si512(spread[st]);
+    ct.keep = keep;
+    ct.load = qq >= 8 ? ~0ull >> 32 : (1ull << (4 * qq)) - 1;
+    return ct;
+}
+
+/* The NT tiles' scales in group g (scale[t]), and acc[t] -= scale * zero * (sum of x over the group); scale_codes,
+ * zero_codes: the pair's plane words of group 0 (groups 4 qq bytes apart); coef: NT x coef_len coefficients. */
+static inline __attribute__((always_inline)) void decode_group_codes(const code_transpose *ct, const char *scale_codes,
+                                                                     const char *zero_codes, const float *coef,
+                                                                     int64_t coef_len, int64_t g, int64_t qq,
+                                                                     int64_t n_groups, __m512 *acc, __m512 *scale,
+                                                                     const int NT) {
+    const __m512i planes = _mm512_maskz_permutex2var_epi8(
+        ct->keep, _mm512_maskz_loadu_epi8(ct->load, scale_codes + 4 * qq * g), ct->gather,
+        _mm512_maskz_loadu_epi8(ct->load, zero_codes + 4 * qq * g));
+    const __m512i codes = _mm512_gf2p8affine_epi64_epi8(ct->unit_bytes, planes, 0);
+    const __mmask64 low_bytes = 0x1111111111111111ull;
+    FOR_EACH_TILE(NT, t,
+        const float *c = coef + t * coef_len + g;
+        const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, ct->spread[t], codes)),
+                                         _mm512_set1_ps(c[0]), _mm512_set1_ps(c[qq * n_groups]));
+        const __m512 zero_xsum = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(low_bytes, ct->spread[2 + t], codes)),
+            _mm512_set1_ps(c[(qq + 1) * n_groups]), _mm512_set1_ps(c[(2 * qq + 1) * n_groups]));
+        acc[t] = _mm512_fnmadd_ps(s, zero_xsum, acc[t]);
+        scale[t] = s;
+    );
+}
+#endif
 
 /* sum_j code_j x_j of a tile's 16 rows over 16 columns (HIGH: the high halves of the chunk's plane words), by table
  * lookup: table[q][p] = sum of x[4q + j] over the bits j set in p (see spqr_gemv), so for each bit-plane b the 4-bit
@@ -444,76 +524,97 @@ static inline __attribute__((always_inline)) __m512 half_dot(const int32_t *plan
     return dot;
 }
 
-/* Group g's scales of the tile at `cursor` (r0); adds scale * zero * (sum of x over the group) to zero_term.
- * QQ: the statistics' bits as a compile-time constant, or 0 (read from the cursor). */
-static inline __attribute__((always_inline)) __m512 group_scale(const spqr_layer *L, const tile_cursor *cursor,
-                                                                const float *coef, const float *group_sums, int64_t g,
-                                                                int64_t r0, int64_t n_groups, __m512 *zero_term,
-                                                                const int QQ) {
-    __m512 scale, zero_xsum; /* zero * (sum of x over the group) */
-    if (cursor->mode == 1) {
-        const int64_t qq = QQ ? QQ : cursor->qq;
-        scale = masked_sum16(cursor->scale_codes + g * cursor->code_stride, qq, coef + g, n_groups);
-        zero_xsum = masked_sum16(cursor->zero_codes + g * cursor->code_stride, qq, coef + (qq + 1) * n_groups + g,
-                                 n_groups);
-    } else {
-        tile_stats16(L, cursor, g, r0, &scale, &zero_xsum);
-        zero_xsum = _mm512_mul_ps(zero_xsum, _mm512_set1_ps(group_sums[g]));
-    }
-    *zero_term = _mm512_fmadd_ps(scale, zero_xsum, *zero_term);
-    return scale;
-}
+/* How gemv_tiles decodes the statistics (a compile-time constant): STATS_TRANSPOSED (decode_group_codes: bilevel
+ * mode 1 where SPQR_CODE_TRANSPOSE), a positive qq_bits (masked sums of mode 1, unrolled), or STATS_ANY. */
+#define STATS_TRANSPOSED (-1)
+#define STATS_ANY 0
 
-/* group_scale for group g of each of the NT tiles from row r0 (scale[t], zero_term[t]; coef: NT x coef_len). */
+/* Group g's scales of the NT tiles from r0 into scale[t], and acc[t] -= scale * zero * (sum of x over the group).
+ * coef: NT x coef_len coefficients (bilevel_coefficients); ct, pair_codes: decode_group_codes' constants and the
+ * pair's scale and zero plane words of group 0 (used with STATS_TRANSPOSED only). */
 static inline __attribute__((always_inline)) void tiles_group_scale(const spqr_layer *L, const tile_cursor *cursor,
+                                                                    const void *ct, const char *const *pair_codes,
                                                                     const float *coef, int64_t coef_len,
                                                                     const float *group_sums, int64_t g, int64_t r0,
-                                                                    int64_t n_groups, __m512 *zero_term, __m512 *scale,
-                                                                    const int NT, const int QQ) {
-#pragma GCC unroll 2
-    for (int t = 0; t < NT; t++)
-        scale[t] = group_scale(L, &cursor[t], coef + t * coef_len, group_sums, g, r0 + t * TILE, n_groups,
-                               &zero_term[t], QQ);
+                                                                    __m512 *acc, __m512 *scale, const int NT,
+                                                                    const int STATS) {
+    const int64_t n_groups = ceil_div(L->in_features, L->beta1);
+#if SPQR_CODE_TRANSPOSE
+    if (STATS == STATS_TRANSPOSED) {
+        decode_group_codes((const code_transpose *)ct, pair_codes[0], pair_codes[1], coef, coef_len, g, L->qq_bits,
+                           n_groups, acc, scale, NT);
+        return;
+    }
+#endif
+    (void)ct, (void)pair_codes;
+    FOR_EACH_TILE(NT, t,
+        const tile_cursor *c = &cursor[t];
+        __m512 zero_xsum; /* zero * (sum of x over the group) */
+        if (STATS > 0 || c->mode == 1) {
+            const int64_t qq = STATS > 0 ? STATS : c->qq;
+            const float *tc = coef + t * coef_len + g;
+            scale[t] = masked_sum16(c->scale_codes + g * c->code_stride, qq, tc, n_groups);
+            zero_xsum = masked_sum16(c->zero_codes + g * c->code_stride, qq, tc + (qq + 1) * n_groups, n_groups);
+        } else {
+            tile_stats16(L, c, g, r0 + t * TILE, &scale[t], &zero_xsum);
+            zero_xsum = _mm512_mul_ps(zero_xsum, _mm512_set1_ps(group_sums[g]));
+        }
+        acc[t] = _mm512_fnmadd_ps(scale[t], zero_xsum, acc[t]);
+    );
 }
 
-/* NT (1 or 2) full 16-row tiles from row r0 with WB bits per code (NT, WB, QQ compile-time constants after inlining),
- * by table lookup (half_dot) over the 16-column halves of each 32-column chunk. Two tiles go chunk by chunk side by
- * side: the hardware prefetcher then follows two weight streams, and each table load serves both (measured with
- * the weights not in cache: 4-11% faster than one tile at a time; four tiles: no faster than two).
+/* NT (1 or 2) full 16-row tiles from row r0 with WB bits per code (NT, WB, STATS compile-time constants after
+ * inlining), by table lookup (half_dot) over the 16-column halves of each 32-column chunk. Two tiles go chunk by
+ * chunk side by side: the hardware prefetcher then follows two weight streams, and each table load serves both
+ * (measured with the weights not in cache: 4-11% faster than one tile at a time; four tiles: no faster than two).
+ * One accumulator per tile takes the products and, group by group, minus scale * zero * (sum of x): with the
+ * statistics' mode a constant too, 2-5% faster (cold) than separate sums, which GCC kept in memory.
  * coef: scratch of NT x [2 qq + 2][n_groups] floats for bilevel_coefficients. */
 static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L, const float *lut, const float *x,
                                                              const float *group_sums, float *coef, float *y,
-                                                             int64_t r0, const int NT, const int WB, const int QQ) {
+                                                             int64_t r0, const int NT, const int WB, const int STATS) {
     const int64_t K = L->in_features, n_chunks = ceil_div(K, 32), halves_per_group = L->beta1 / 16;
     const int64_t n_groups = ceil_div(K, L->beta1), coef_len = (2 * L->qq_bits + 2) * n_groups;
     const int64_t chunk_words = WB * TILE, tile_words = n_chunks * chunk_words;
     const int32_t *tile[2];
     tile_cursor cursor[2];
-    __m512 acc0[2], acc1[2], zero_term[2], scale[2];
+    __m512 acc[2], scale[2];
     const char *outlier_cols[2], *outlier_vals[2]; /* a tile's outliers, read at its end (outlier_dot) */
     int64_t outlier_col_bytes[2], outlier_val_bytes[2];
     const int64_t col_bytes = L->outlier_col_int32 ? 4 : 2;
-#pragma GCC unroll 2
-    for (int t = 0; t < NT; t++) {
+    const void *ct = NULL;
+    const char *pair_codes[2] = {NULL, NULL};
+#if SPQR_CODE_TRANSPOSE
+    code_transpose transpose;
+    if (STATS == STATS_TRANSPOSED) {
+        transpose = code_transpose_at(L->qq_bits, (int)((r0 & 31) / 8));
+        ct = &transpose;
+        const int64_t words = (r0 / 32) * n_groups * L->qq_bits * 4; /* bytes: the pair's plane words */
+        pair_codes[0] = (const char *)L->scale_codes + words;
+        pair_codes[1] = (const char *)L->zero_codes + words;
+    }
+#endif
+    FOR_EACH_TILE(NT, t,
         const int64_t rt = r0 + t * TILE, p0 = L->row_ptr[rt], nnz = L->row_ptr[rt + TILE] - p0;
         tile[t] = L->qweight + (rt / TILE) * tile_words;
         cursor[t] = tile_cursor_at(L, rt);
-        if (cursor[t].mode == 1) prefetch_second_level(L, rt + NT * TILE, n_groups); /* this slot's next tile */
+        if (cursor[t].mode == 1) {
+            prefetch_second_level(L, rt + NT * TILE, n_groups); /* this slot's next tile */
+            bilevel_coefficients(L, rt, group_sums, coef + t * coef_len, STATS == STATS_TRANSPOSED ? 1 : L->qq_bits);
+        }
         outlier_cols[t] = (const char *)L->outlier_col + p0 * col_bytes;
         outlier_vals[t] = (const char *)(L->outlier_val + p0);
         outlier_col_bytes[t] = nnz * col_bytes;
         outlier_val_bytes[t] = nnz * 2;
-        if (cursor[t].mode == 1) bilevel_coefficients(L, rt, group_sums, coef + t * coef_len);
-        acc0[t] = acc1[t] = zero_term[t] = _mm512_setzero_ps();
-    }
-    tiles_group_scale(L, cursor, coef, coef_len, group_sums, 0, r0, n_groups, zero_term, scale, NT, QQ);
+        acc[t] = _mm512_setzero_ps();
+    );
+    tiles_group_scale(L, cursor, ct, pair_codes, coef, coef_len, group_sums, 0, r0, acc, scale, NT, STATS);
     int64_t g = 0, halves_left = halves_per_group; /* group g has halves_left halves to go */
     for (int64_t c = 0; c < n_chunks; c++) {
         /* Prefetches, measured with the weights not in cache: into L1 (20% faster), further ahead into L2 (2-4% more),
          * the first-level statistics' codes PREFETCH_FAR groups ahead (2% more; both tiles of a pair share them), the
          * tile's outliers a cache line per chunk into L2 (2-4% more than asking for them all at the tile's start) */
-#pragma GCC unroll 2
-        for (int t = 0; t < NT; t++) {
+        FOR_EACH_TILE(NT, t,
             /* past the tile's end a stream goes on into this slot's next tile (the pair's other tile lies between) */
             const int32_t *near = tile[t] + (c + PREFETCH_NEAR) * chunk_words +
                                   (c + PREFETCH_NEAR >= n_chunks ? (NT - 1) * tile_words : 0);
@@ -525,45 +626,41 @@ static inline __attribute__((always_inline)) void gemv_tiles(const spqr_layer *L
             }
             if (64 * c <= outlier_col_bytes[t]) _mm_prefetch(outlier_cols[t] + 64 * c, _MM_HINT_T1);
             if (64 * c <= outlier_val_bytes[t]) _mm_prefetch(outlier_vals[t] + 64 * c, _MM_HINT_T1);
-        }
-        if (cursor[0].mode == 1) {
+        );
+        if (STATS != STATS_ANY || cursor[0].mode == 1) {
             _mm_prefetch(cursor[0].scale_codes + (g + PREFETCH_FAR) * cursor[0].code_stride, _MM_HINT_T0);
             _mm_prefetch(cursor[0].zero_codes + (g + PREFETCH_FAR) * cursor[0].code_stride, _MM_HINT_T0);
         }
         const float *table = lut + c * 128;
-#pragma GCC unroll 2
-        for (int t = 0; t < NT; t++)
-            acc0[t] = _mm512_fmadd_ps(half_dot(tile[t] + c * WB * TILE, table, 0, WB), scale[t], acc0[t]);
+        FOR_EACH_TILE(NT, t,
+            acc[t] = _mm512_fmadd_ps(half_dot(tile[t] + c * WB * TILE, table, 0, WB), scale[t], acc[t]););
         if (32 * c + 16 >= K) break;
         if (--halves_left == 0) {
             halves_left = halves_per_group;
-            tiles_group_scale(L, cursor, coef, coef_len, group_sums, ++g, r0, n_groups, zero_term, scale, NT, QQ);
+            tiles_group_scale(L, cursor, ct, pair_codes, coef, coef_len, group_sums, ++g, r0, acc, scale, NT, STATS);
         }
-#pragma GCC unroll 2
-        for (int t = 0; t < NT; t++)
-            acc1[t] = _mm512_fmadd_ps(half_dot(tile[t] + c * WB * TILE, table + 64, 1, WB), scale[t], acc1[t]);
+        FOR_EACH_TILE(NT, t,
+            acc[t] = _mm512_fmadd_ps(half_dot(tile[t] + c * WB * TILE, table + 64, 1, WB), scale[t], acc[t]););
         if (--halves_left == 0 && 32 * c + 32 < K) {
             halves_left = halves_per_group;
-            tiles_group_scale(L, cursor, coef, coef_len, group_sums, ++g, r0, n_groups, zero_term, scale, NT, QQ);
+            tiles_group_scale(L, cursor, ct, pair_codes, coef, coef_len, group_sums, ++g, r0, acc, scale, NT, STATS);
         }
     }
     for (int t = 0; t < NT; t++)
-        _mm512_storeu_ps(y + r0 + t * TILE, _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0[t], acc1[t]), zero_term[t]),
-                                                          tile_outlier_dots(L, r0 + t * TILE, x)));
+        _mm512_storeu_ps(y + r0 + t * TILE, _mm512_add_ps(acc[t], tile_outlier_dots(L, r0 + t * TILE, x)));
 }
 
-/* gemv_tiles with the layer's wbits, and qq_bits == 3 as a constant (NT a compile-time constant at each call). */
+/* gemv_tiles with the layer's wbits and statistics decoder as constants (NT a compile-time constant at each call). */
 static inline __attribute__((always_inline)) void gemv_tiles_dispatch(const spqr_layer *L, const float *lut,
                                                                       const float *x, const float *group_sums,
                                                                       float *coef, float *y, int64_t r0, const int NT) {
-#define GEMV_CASE(WB)                                                      \
-    case WB:                                                               \
-        if (L->qq_bits == 3) gemv_tiles(L, lut, x, group_sums, coef, y, r0, NT, WB, 3); \
-        else gemv_tiles(L, lut, x, group_sums, coef, y, r0, NT, WB, 0);   \
-        return;
-    switch (L->wbits) { GEMV_CASE(1) GEMV_CASE(2) GEMV_CASE(3) GEMV_CASE(4)
-                        GEMV_CASE(5) GEMV_CASE(6) GEMV_CASE(7) GEMV_CASE(8) default: return; }
-#undef GEMV_CASE
+    const int mode1 = L->qq_bits && L->beta2 % TILE == 0;
+    if (mode1 && SPQR_CODE_TRANSPOSE)
+        SPQR_FOR_WBITS(L->wbits, gemv_tiles(L, lut, x, group_sums, coef, y, r0, NT, WB, STATS_TRANSPOSED))
+    else if (mode1 && L->qq_bits == 3)
+        SPQR_FOR_WBITS(L->wbits, gemv_tiles(L, lut, x, group_sums, coef, y, r0, NT, WB, 3))
+    else
+        SPQR_FOR_WBITS(L->wbits, gemv_tiles(L, lut, x, group_sums, coef, y, r0, NT, WB, STATS_ANY))
 }
 
 /* lut [8 ceil(K/32)][16]: lut[q][p] = sum over the bits j of p of x[4q + j] (x zero past K). */

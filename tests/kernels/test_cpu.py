@@ -18,13 +18,13 @@ from spqr.kernels import cpu
 
 from . import emulated
 
-VARIANTS = ("native", "portable", "avx2", "aarch64")
+VARIANTS = ("native", "portable", "avx2", "avx512", "aarch64")
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def kern(request) -> cpu.CpuKernels:
-    """The build for this machine, the portable and AVX2 ones, and the aarch64 one under qemu (tests/kernels/
-    emulated.py)."""
+    """The build for this machine, the portable, AVX2 and Skylake AVX-512 ones, and the aarch64 one under qemu
+    (tests/kernels/emulated.py)."""
     if request.param == "aarch64":
         if not emulated.available():
             pytest.skip(emulated.MISSING)
@@ -32,8 +32,10 @@ def kern(request) -> cpu.CpuKernels:
         yield k
         k.close()
         return
-    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= set(cpu.cpuinfo_field("flags").split()):
-        pytest.skip("this CPU has no AVX2/FMA/F16C: the AVX2 build cannot run here")
+    needs = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}}
+    missing = needs.get(request.param, set()) - set(cpu.cpuinfo_field("flags").split())
+    if missing:
+        pytest.skip(f"this CPU has no {', '.join(sorted(missing))}: the {request.param} build cannot run here")
     k = cpu.load(request.param)
     if k is None:
         pytest.fail(f"the {request.param} CPU kernels did not build on this machine (see the logged reason)")
@@ -80,10 +82,13 @@ def test_every_bit_width(kern, wbits, rows):
 
 
 @pytest.mark.parametrize("beta1,beta2,qq_bits", [(32, 16, 3), (64, 8, 2), (128, 7, 3), (16, 1, 4), (48, 48, 8),
+                                                (16, 32, 1), (16, 16, 2), (32, 64, 5), (16, 16, 7),
                                                 (16, 16, None), (64, 16, None)])
 @pytest.mark.parametrize("rows", [1, 20])
 def test_group_sizes_and_statistics(kern, beta1, beta2, qq_bits, rows):
-    """600 input features: the AMX kernel's 256-column passes cut through groups of 48 and 128."""
+    """600 input features: the AMX kernel's 256-column passes cut through groups of 48 and 128. Statistics of
+    every width with beta2 a multiple of 16 go through the matrix-vector kernel's bit-plane transpose (AVX512-VBMI
+    and GFNI) in the native build on such CPUs, through its masked adds in the avx512 build."""
     _check(random_packed_layer(70, 600, 3, beta1, beta2, qq_bits, 0.01, seed=beta1 + beta2), kern, rows)
 
 
