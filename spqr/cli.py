@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
+from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingConfig, preset
 from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
 from spqr.format.spqr_quant import ConversionError
+from spqr.generate import GenerationError, generate, use_reference
 from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
@@ -29,7 +30,7 @@ class Interrupted(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError,
-               ConversionError)
+               ConversionError, GenerationError)
 
 
 def _qq_bits(text: str) -> int | None:
@@ -198,8 +199,7 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from spqr.generate import generate, use_reference
-
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
     model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
     if args.reference:
         use_reference(model)
@@ -214,13 +214,15 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         print(text[printed:], end="", flush=True)
         printed = len(text)
 
-    result = generate(model, ids, args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream)
+    result = generate(model, ids, args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream,
+                      sampling=sampling)
     print()
     print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
           f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {len(result.tokens) - 1} tokens in "
           f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
-               "text": tokenizer.decode(result.tokens, skip_special_tokens=True), **result.to_dict()}
+               "sampling": sampling.to_dict(), "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
+               **result.to_dict()}
     _write_json(summary, args.json)
     return summary
 
@@ -264,8 +266,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             print(f"{out}x{inp} rows={rows}: spqr {r['spqr_ms']:.3f} ms "
                   f"({r['spqr_packed_gbs']:.1f} GB/s of packed weights); {base}")
     if args.model:
-        from spqr.generate import generate
-
         model, tokenizer = load_model(args.model)
         ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
         result = generate(model.to(args.device), ids, args.tokens, stop_at_eos=False)
@@ -348,10 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", help="checkpoint directory written by `spqr quantize`")
     i.add_argument("--json", help="write the breakdown as JSON to this path")
     i.set_defaults(func=cmd_info)
-    g = sub.add_parser("generate", help="greedy generation from a model or checkpoint, streamed, with tokens/s")
+    g = sub.add_parser("generate", help="generation (greedy or sampled) from a model or checkpoint, streamed, "
+                                        "with tokens/s")
     g.add_argument("model", nargs="?", default=None, help="checkpoint, model directory or GGUF file (default model)")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens whose probability reaches p (1.0: all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--reference", action="store_true", help="quantized layers by dequantize-then-matmul (slow)")

@@ -2,7 +2,8 @@
 
 `QuantConfig` says *how* each weight matrix is compressed (the SpQR recipe, or the GPTQ / RTN
 baselines that the same engine becomes with other settings). `CalibrationConfig` says *which*
-tokens the Hessians are estimated from. Both reject bad values at construction time with a
+tokens the Hessians are estimated from. `SamplingConfig` says how generation picks tokens. All
+reject bad values at construction time with a
 message that names the option, so nothing deep inside the engine ever sees them.
 """
 
@@ -154,3 +155,38 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How generation picks each next token from the model's logits.
+
+    temperature: 0 is greedy decoding (argmax, the default); above 0 tokens are drawn from
+                 softmax(logits / temperature) ...
+    top_k:       ... restricted to the top_k most likely tokens (0: no limit) ...
+    top_p:       ... and then to the smallest set of most likely tokens whose probability reaches top_p
+                 (nucleus sampling; 1.0: no limit).
+    seed:        seeds the draws: the same model, prompt and seed give the same tokens.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+               and self.temperature >= 0, f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+               f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+               f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,4 +1,4 @@
-"""Greedy token generation with a KV cache, timing prefill and decode separately.
+"""Token generation with a KV cache (greedy or sampled), timing prefill and decode separately.
 
 A small loop of our own rather than `model.generate`, so that the timings are exactly the two
 phases (prompt forward; one forward per new token) and tokens can be streamed as they come.
@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from spqr.config import SamplingConfig
 from spqr.nn import SpQRLinear
+
+GREEDY = SamplingConfig()
+
+
+class GenerationError(ValueError):
+    """The model's output cannot be decoded into tokens (NaN logits)."""
 
 
 @dataclass
@@ -47,10 +54,36 @@ def _last_logits_only(model: nn.Module) -> dict[str, int]:
     return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), {})
 
 
+def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: logits [V] -> probabilities [V] (fp32) of
+    softmax(logits / temperature), zero outside the top_k most likely tokens and outside the smallest set
+    of most likely tokens whose probability reaches top_p, renormalized. Needs temperature > 0."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_k or sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True, stable=True)  # stable: ties keep the lower token id
+        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if sampling.top_k:
+            keep[sampling.top_k:] = False
+        if sampling.top_p < 1:  # a token stays while the more likely ones before it sum to less than top_p
+            keep &= (sorted_probs.cumsum(0) - sorted_probs) < sampling.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return probs / probs.sum()
+
+
+def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """The next token id from the last position's logits [V]: argmax when greedy, else one draw (generator)."""
+    if torch.isnan(logits).any():
+        raise GenerationError("the model produced NaN logits (are its weights and inputs finite?)")
+    if sampling.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probabilities(logits, sampling), 1, generator=generator))
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True,
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Greedy decoding of up to max_new_tokens after input_ids [1, T] (int64); calls on_token per token."""
+             on_token: Callable[[int], None] | None = None, sampling: SamplingConfig = GREEDY) -> GenerationResult:
+    """Up to max_new_tokens after input_ids [1, T] (int64), greedy or sampled as `sampling` says (seeded: the
+    same inputs and seed give the same tokens); calls on_token per token."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape [1, T] with T >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
@@ -58,9 +91,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     eos = getattr(model.config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
 
+    generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
     start = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **_last_logits_only(model))
-    token = int(out["logits"][0, -1].argmax())
+    token = next_token(out["logits"][0, -1], sampling, generator)
     prefill = time.perf_counter() - start
     tokens = [token]
     if on_token:
@@ -69,7 +103,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     start = time.perf_counter()
     while len(tokens) < max_new_tokens and token not in eos_ids:
         out = model(input_ids=input_ids.new_tensor([[token]]), use_cache=True, **{cache_key: out[cache_key]})
-        token = int(out["logits"][0, -1].argmax())
+        token = next_token(out["logits"][0, -1], sampling, generator)
         tokens.append(token)
         if on_token:
             on_token(token)

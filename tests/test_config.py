@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
+from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingConfig, preset
 
 
 @pytest.mark.parametrize("option,value", [
@@ -104,3 +104,17 @@ def test_configs_are_frozen():
 
     with pytest.raises(FrozenInstanceError):
         QuantConfig().wbits = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("option, value", [("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
+                                           ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5),
+                                           ("top_p", math.nan), ("seed", -1), ("seed", 2**63)])
+def test_sampling_config_validation(option, value):
+    with pytest.raises(ConfigError, match=option):
+        SamplingConfig(**{option: value})
+
+
+def test_sampling_config_defaults_are_greedy():
+    assert SamplingConfig().greedy and not SamplingConfig(temperature=0.7).greedy
+    assert SamplingConfig(temperature=1, top_k=5, top_p=0.9, seed=3).to_dict() == {
+        "temperature": 1, "top_k": 5, "top_p": 0.9, "seed": 3}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from spqr.cli import main
-from spqr.generate import GenerationResult, generate, use_reference
+from spqr.config import SamplingConfig
+from spqr.generate import GenerationError, GenerationResult, generate, next_token, sampling_probabilities, use_reference
 from spqr.hf import load_quantized
 from spqr.kernels import cpu
 from spqr.nn import SpQRLinear
@@ -73,6 +74,73 @@ def test_generate_stops_at_eos_and_streams():
         generate(Tiny(), torch.tensor([[1]]), 0)
 
 
+class FixedLogits(torch.nn.Module):
+    """A model whose next-token logits are always `logits` [V], whatever the input."""
+
+    config = type("C", (), {"eos_token_id": None})()
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, cache=None, use_cache=True):
+        return {"logits": self.logits.expand(1, input_ids.shape[1], -1), "cache": None}
+
+
+def test_sampling_probabilities_truncate_and_renormalize():
+    probs = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    logits = probs.log()
+    torch.testing.assert_close(sampling_probabilities(logits, SamplingConfig(temperature=1.0)), probs)
+    sharp = sampling_probabilities(logits, SamplingConfig(temperature=0.5))  # p^2, renormalized
+    torch.testing.assert_close(sharp, probs**2 / (probs**2).sum())
+    top2 = sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_k=2))
+    torch.testing.assert_close(top2, torch.tensor([0.0, 0.4, 0.0, 0.3]) / 0.7)
+    # nucleus: 0.4 alone is short of 0.5, 0.4 + 0.3 reaches it; with top_p = 0.4 the first token suffices
+    nucleus = sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.5))
+    torch.testing.assert_close(nucleus, torch.tensor([0.0, 0.4, 0.0, 0.3]) / 0.7)
+    torch.testing.assert_close(sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.4)),
+                               torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    both = sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_k=3, top_p=0.95))
+    torch.testing.assert_close(both, torch.tensor([0.0, 0.4, 0.2, 0.3]) / 0.9)
+    tie = sampling_probabilities(torch.zeros(4), SamplingConfig(temperature=1.0, top_k=1))
+    torch.testing.assert_close(tie, torch.tensor([1.0, 0.0, 0.0, 0.0]))  # ties: the lowest token id
+    bf16 = sampling_probabilities(logits.bfloat16(), SamplingConfig(temperature=1.0))
+    assert bf16.dtype == torch.float32 and abs(float(bf16.sum()) - 1) < 1e-6
+
+
+def test_sampled_tokens_follow_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    sampling = SamplingConfig(temperature=1.3, top_k=4)
+    expected = sampling_probabilities(logits, sampling)
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([next_token(logits, sampling, generator) for _ in range(n)]), minlength=5)
+    assert counts[3] == 0  # outside the top 4
+    sigma = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() <= 5 * sigma + 1e-9).all(), (counts, n * expected)
+
+
+def test_generate_samples_reproducibly():
+    model = FixedLogits(torch.zeros(50))  # uniform: 30 draws from 50 tokens
+    greedy = generate(model, torch.tensor([[1]]), 30)
+    assert greedy.tokens == [0] * 30
+    sampled = generate(model, torch.tensor([[1]]), 30, sampling=SamplingConfig(temperature=1.0, seed=7))
+    again = generate(model, torch.tensor([[1]]), 30, sampling=SamplingConfig(temperature=1.0, seed=7))
+    other = generate(model, torch.tensor([[1]]), 30, sampling=SamplingConfig(temperature=1.0, seed=8))
+    assert sampled.tokens == again.tokens != other.tokens
+    assert len(set(sampled.tokens)) > 10
+    limited = generate(model, torch.tensor([[1]]), 30, sampling=SamplingConfig(temperature=2.0, top_k=1, seed=7))
+    assert limited.tokens == greedy.tokens
+
+
+def test_generate_refuses_nan_logits():
+    logits = torch.zeros(8)
+    logits[3] = float("nan")
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0)):
+        with pytest.raises(GenerationError, match="NaN logits"):
+            generate(FixedLogits(logits), torch.tensor([[1]]), 3, sampling=sampling)
+
+
 def test_prefill_asks_for_the_last_logits_only():
     calls: list[tuple[int, int]] = []
 
@@ -101,6 +169,18 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
                  "--reference", "--json", str(ref)]) == 0
     assert json.loads(ref.read_text())["tokens"] == result["tokens"]
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    sampled = []
+    for run in range(2):
+        path = tmp_path / f"sampled{run}.json"
+        assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "8", "--ignore-eos",
+                     "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", "5",
+                     "--json", str(path)]) == 0
+        sampled.append(json.loads(path.read_text()))
+    assert sampled[0]["tokens"] == sampled[1]["tokens"] and len(sampled[0]["tokens"]) == 8
+    assert sampled[0]["sampling"] == {"temperature": 1.5, "top_k": 20, "top_p": 0.95, "seed": 5}
+    capsys.readouterr()
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_cli_bench(tmp_path, capsys):
