@@ -3,8 +3,8 @@
 `QuantConfig` says *how* each weight matrix is compressed (the SpQR recipe, or the GPTQ / RTN
 baselines that the same engine becomes with other settings). `CalibrationConfig` says *which*
 tokens the Hessians are estimated from. `SamplingConfig` says how generation picks tokens. All
-reject bad values at construction time with a
-message that names the option, so nothing deep inside the engine ever sees them.
+reject bad values at construction time with a message that names the option, so nothing deep
+inside the engine ever sees them.
 """
 
 from __future__ import annotations
