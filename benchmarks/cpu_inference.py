@@ -17,6 +17,9 @@
    (decoder blocks only; also with the lm_head quantized).
 5. Resident memory of the loaded checkpoint against its fp16 weights (also of the one made with
    --head-wbits 5 or 6 --quantize-embeddings, where they exist: every weight matrix packed).
+6. Batched decoding (generate_batch): 1, 4 and 8 prompts of 64 tokens decoded side by side, 64 new tokens
+   each, fp32 model vs the 3-bit checkpoint (total decode tokens/s, median of three rounds taking turns);
+   do a batch's greedy tokens equal each prompt's tokens alone?
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from spqr.bench import (
     synthetic_llama,
 )
 from spqr.data import load_text, tokenize
-from spqr.generate import generate, use_reference
+from spqr.generate import generate, generate_batch, use_reference
 from spqr.hf import load_model, load_quantized
 from spqr.kernels import cpu
 
@@ -154,6 +157,38 @@ def smollm2_section(checkpoint: Path, tokens: int, prompt_tokens: int, head_chec
     return result
 
 
+def batched_section(checkpoint: Path, batches: tuple[int, ...] = (1, 4, 8), prompt_tokens: int = 64,
+                    tokens: int = 64, rounds: int = GENERATION_ROUNDS) -> dict:
+    baseline, tokenizer = load_model(None)
+    models = {"fp32": baseline, "spqr": load_quantized(checkpoint)}
+    ids = tokenize(tokenizer, load_text("wikitext2", "test"))
+    prompts = [ids[i * 1000:i * 1000 + prompt_tokens].tolist() for i in range(max(batches))]
+    for model in models.values():  # warm-up
+        generate_batch(model, prompts[:2], 2, stop_at_eos=False)
+    result: dict = {"prompt": f"{prompt_tokens} tokens of wikitext2 test at offsets 0, 1000, ...",
+                    "new_tokens_per_prompt": tokens, "batches": []}
+    for batch in batches:
+        runs: dict[str, list] = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                runs[name].append(generate_batch(model, prompts[:batch], tokens, stop_at_eos=False))
+        entry: dict = {"batch": batch}
+        for name, model_runs in runs.items():
+            if any(run.tokens != model_runs[0].tokens for run in model_runs):
+                raise RuntimeError(f"{name}: batched greedy tokens differ from one round to the next")
+            rates = [run.decode_tokens_per_second for run in model_runs]
+            entry[name] = {"decode_tokens_per_second": statistics.median(rates), "all_rounds": rates}
+        alone = [generate(models["spqr"], torch.tensor([p]), tokens, stop_at_eos=False).tokens for p in prompts[:batch]]
+        entry["spqr_batch_matches_each_prompt_alone"] = runs["spqr"][0].tokens == alone
+        entry["decode_speedup_vs_fp32"] = (entry["spqr"]["decode_tokens_per_second"]
+                                           / entry["fp32"]["decode_tokens_per_second"])
+        result["batches"].append(entry)
+        log(f"batch {batch}: decode fp32 {entry['fp32']['decode_tokens_per_second']:.1f} tok/s, spqr "
+            f"{entry['spqr']['decode_tokens_per_second']:.1f} tok/s ({entry['decode_speedup_vs_fp32']:.2f}x); "
+            f"batch tokens = each prompt alone: {entry['spqr_batch_matches_each_prompt_alone']}")
+    return result
+
+
 def synthetic_llama_section(tokens: int) -> dict:
     model = synthetic_llama()
     params = sum(p.numel() for p in model.parameters())
@@ -248,11 +283,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens to generate greedily")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (wikitext2 test text)")
     parser.add_argument("--llama-tokens", type=int, default=32, help="decode tokens for the synthetic 1.1B llama")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "smollm2", "llama", "memory"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "smollm2", "llama", "memory", "batched"],
                         help="sections not to run; their results in an existing --out file are kept")
     parser.add_argument("--out", type=Path, default=Path("results/cpu_inference.json"))
     args = parser.parse_args()
-    if not args.checkpoint.is_dir() and not {"smollm2", "memory"} <= set(args.skip):
+    if not args.checkpoint.is_dir() and not {"smollm2", "memory", "batched"} <= set(args.skip):
         sys.exit(f"checkpoint {args.checkpoint} not found: run `bash scripts/quickstart.sh` first or pass --checkpoint")
     embeddings_checkpoints = {bits: Path(args.embeddings_checkpoints.format(bits=bits)) for bits in (5, 6)}
     kernels = cpu.load()
@@ -260,14 +295,16 @@ def main() -> None:
     machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "kernels": kernels and kernels.variant,
                "avx512": bool(kernels and kernels.has_avx512), "amx": bool(kernels and kernels.has_amx),
                "read_bandwidth_gbs": memory_bandwidth_gbs()}
-    result: dict = {**previous, "machine": machine}
+    # a partial run (--skip) keeps the full run's machine record and notes its own beside its sections
+    result: dict = {"machine": machine, **previous}
     log(f"{machine['cpu']}, {machine['threads']} threads, read bandwidth {machine['read_bandwidth_gbs']:.1f} GB/s, "
         f"kernels {machine['kernels']}")
     sections = {"kernels": kernel_section,
                 "smollm2": lambda: smollm2_section(args.checkpoint, args.tokens, args.prompt_tokens,
                                                    args.head_checkpoint, embeddings_checkpoints),
                 "synthetic_llama": lambda: synthetic_llama_section(args.llama_tokens),
-                "memory": lambda: memory_section(args.checkpoint, embeddings_checkpoints)}
+                "memory": lambda: memory_section(args.checkpoint, embeddings_checkpoints),
+                "batched": lambda: batched_section(args.checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, run in sections.items():
         if name.removeprefix("synthetic_") in args.skip:
@@ -275,6 +312,8 @@ def main() -> None:
         section_start = time.time()
         result[name] = run()
         result.setdefault("section_seconds", {})[name] = time.time() - section_start
+        result.setdefault("section_runs", {})[name] = {**machine, "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                          time.gmtime())}
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: a crash keeps the rest
     log(f"wrote {args.out}")
 

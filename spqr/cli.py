@@ -19,7 +19,7 @@ from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
 from spqr.format.spqr_quant import ConversionError
-from spqr.generate import GenerationError, generate, use_reference
+from spqr.generate import GenerationError, generate, generate_batch, use_reference
 from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
@@ -200,29 +200,41 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 def cmd_generate(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
     if args.reference:
         use_reference(model)
-    ids = _prompt_ids(tokenizer, args.prompt, args.chat)
-    new: list[int] = []
-    printed = 0
+    prompts = [_prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    if len(prompts) == 1:
+        new: list[int] = []
+        printed = 0
 
-    def stream(token: int) -> None:  # print the text's new suffix (tokens can merge into characters)
-        nonlocal printed
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        print(text[printed:], end="", flush=True)
-        printed = len(text)
+        def stream(token: int) -> None:  # print the text's new suffix (tokens can merge into characters)
+            nonlocal printed
+            new.append(token)
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
 
-    result = generate(model, ids, args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream,
-                      sampling=sampling)
-    print()
-    print(f"prefill: {result.prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
-          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {len(result.tokens) - 1} tokens in "
-          f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+        result = generate(model, prompts[0], args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream,
+                          sampling=sampling)
+        print()
+        texts: str | list[str] = tokenizer.decode(result.tokens, skip_special_tokens=True)
+    else:  # side by side, printed when all are done
+        result = generate_batch(model, [ids[0] for ids in prompts], args.max_new_tokens,
+                                stop_at_eos=not args.ignore_eos, sampling=sampling)
+        texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
+        for i, text in enumerate(texts):
+            print(f"[{i}] {text}")
+    figures = result.to_dict()
+    batch = f" (batch of {len(prompts)})" if len(prompts) > 1 else ""
+    prompt_tokens = sum(result.prompt_tokens) if len(prompts) > 1 else result.prompt_tokens
+    print(f"prefill{batch}: {prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
+          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {figures['new_tokens'] - len(prompts)} tokens "
+          f"in {result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
-               "sampling": sampling.to_dict(), "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
-               **result.to_dict()}
+               "sampling": sampling.to_dict(), "text": texts, **figures}
     _write_json(summary, args.json)
     return summary
 
@@ -351,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generation (greedy or sampled) from a model or checkpoint, streamed, "
                                         "with tokens/s")
     g.add_argument("model", nargs="?", default=None, help="checkpoint, model directory or GGUF file (default model)")
-    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--prompt", required=True, action="append",
+                   help="prompt text; repeat it to decode several prompts side by side (a batch)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")

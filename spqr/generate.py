@@ -1,14 +1,17 @@
-"""Token generation with a KV cache (greedy or sampled), timing prefill and decode separately.
+"""Token generation with a KV cache (greedy or sampled, one prompt or a batch), timing prefill and
+decode separately.
 
 A small loop of our own rather than `model.generate`, so that the timings are exactly the two
 phases (prompt forward; one forward per new token) and tokens can be streamed as they come.
+A batch runs its prompts left-padded side by side: each step is one forward of B rows, so every
+quantized layer reads its weights once for all of them (the kernels' batched matrix-vector path).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +49,29 @@ class GenerationResult:
                 "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
+@dataclass
+class BatchGenerationResult:
+    prompt_tokens: list[int]  # each prompt's length
+    tokens: list[list[int]]  # each prompt's new tokens (up to and including its end-of-sequence token)
+    prefill_seconds: float  # the batch's prompt forward, which also yields each first new token
+    decode_seconds: float  # the remaining forwards, one per step for the whole batch
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens of all prompts after their first, per second of decoding."""
+        decoded = sum(len(t) - 1 for t in self.tokens)
+        return decoded / self.decode_seconds if decoded and self.decode_seconds else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "new_tokens": sum(len(t) for t in self.tokens),
+                "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
 def _last_logits_only(model: nn.Module) -> dict[str, int]:
     """The forward argument that computes the logits of the last position only (as `model.generate` does):
     the prompt's other logits are never used, and for a small model with a large vocabulary they are a
@@ -55,28 +81,72 @@ def _last_logits_only(model: nn.Module) -> dict[str, int]:
 
 
 def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """The distribution a sampled token is drawn from: logits [V] -> probabilities [V] (fp32) of
+    """The distribution a sampled token is drawn from: logits [..., V] -> probabilities [..., V] (fp32) of
     softmax(logits / temperature), zero outside the top_k most likely tokens and outside the smallest set
     of most likely tokens whose probability reaches top_p, renormalized. Needs temperature > 0."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_k or sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True, stable=True)  # stable: ties keep the lower token id
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # stable: ties keep the lower id
         keep = torch.ones_like(sorted_probs, dtype=torch.bool)
         if sampling.top_k:
-            keep[sampling.top_k:] = False
+            keep[..., sampling.top_k:] = False
         if sampling.top_p < 1:  # a token stays while the more likely ones before it sum to less than top_p
-            keep &= (sorted_probs.cumsum(0) - sorted_probs) < sampling.top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return probs / probs.sum()
+            keep &= (sorted_probs.cumsum(-1) - sorted_probs) < sampling.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return probs / probs.sum(-1, keepdim=True)
 
 
-def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """The next token id from the last position's logits [V]: argmax when greedy, else one draw (generator)."""
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's next token id [B] (int64) from the last position's logits [B, V]: argmax when greedy, else one
+    draw per row (generator)."""
     if torch.isnan(logits).any():
         raise GenerationError("the model produced NaN logits (are its weights and inputs finite?)")
     if sampling.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(sampling_probabilities(logits, sampling), 1, generator=generator))
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probabilities(logits, sampling), 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(model: nn.Module, stop_at_eos: bool) -> set[int]:
+    eos = getattr(model.config, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+
+
+def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+         eos_ids: set[int], sampling: SamplingConfig, on_token: Callable[[int], None] | None,
+         ) -> tuple[list[list[int]], float, float]:
+    """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
+    padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
+    end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
+    generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
+    padding = {}
+    if attention_mask is not None:  # positions count each row's own tokens only
+        padding = {"attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, use_cache=True, **padding, **_last_logits_only(model))
+    token = next_tokens(out["logits"][:, -1], sampling, generator)
+    prefill = time.perf_counter() - start
+    tokens = [[t] for t in token.tolist()]
+    done = [t in eos_ids for t in token.tolist()]
+    if on_token:
+        on_token(tokens[0][0])
+    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x renamed the KV cache
+    start = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if all(done):
+            break
+        if padding:
+            mask = padding["attention_mask"]
+            padding = {"attention_mask": torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1),
+                       "position_ids": padding["position_ids"][:, -1:] + 1}
+        out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding)
+        token = next_tokens(out["logits"][:, -1], sampling, generator)
+        for row, t in enumerate(token.tolist()):  # finished rows go on computing; their tokens are dropped
+            if not done[row]:
+                tokens[row].append(t)
+                done[row] = t in eos_ids
+                if on_token and row == 0:
+                    on_token(t)
+    return tokens, prefill, time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -88,26 +158,33 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
         raise ValueError(f"input_ids must have shape [1, T] with T >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = getattr(model.config, "eos_token_id", None)
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+    tokens, prefill, decode = _run(model, input_ids, None, max_new_tokens, _eos_ids(model, stop_at_eos), sampling,
+                                   on_token)
+    return GenerationResult(int(input_ids.shape[1]), tokens[0], prefill, decode)
 
-    generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
-    start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, **_last_logits_only(model))
-    token = next_token(out["logits"][0, -1], sampling, generator)
-    prefill = time.perf_counter() - start
-    tokens = [token]
-    if on_token:
-        on_token(token)
-    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x renamed the KV cache
-    start = time.perf_counter()
-    while len(tokens) < max_new_tokens and token not in eos_ids:
-        out = model(input_ids=input_ids.new_tensor([[token]]), use_cache=True, **{cache_key: out[cache_key]})
-        token = next_token(out["logits"][0, -1], sampling, generator)
-        tokens.append(token)
-        if on_token:
-            on_token(token)
-    return GenerationResult(int(input_ids.shape[1]), tokens, prefill, time.perf_counter() - start)
+
+@torch.inference_mode()
+def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+                   stop_at_eos: bool = True, sampling: SamplingConfig = GREEDY) -> BatchGenerationResult:
+    """Up to max_new_tokens after each prompt (token ids, any lengths), all prompts decoded side by side.
+
+    Greedy, each prompt gets the tokens it gets alone (up to the rounding of the padded attention, which
+    can flip a near tie). Sampled, the draws come from one seeded generator in row order, so the tokens
+    are reproducible for the same batch but depend on its composition."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_batch needs at least one prompt, and every prompt at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # left padding: every row ends at its last token
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = r
+        attention_mask[i, width - len(r):] = 1
+    tokens, prefill, decode = _run(model, input_ids, attention_mask, max_new_tokens, _eos_ids(model, stop_at_eos),
+                                   sampling, None)
+    return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
 
 
 def use_reference(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -9,7 +9,16 @@ import torch
 
 from spqr.cli import main
 from spqr.config import SamplingConfig
-from spqr.generate import GenerationError, GenerationResult, generate, next_token, sampling_probabilities, use_reference
+from spqr.generate import (
+    BatchGenerationResult,
+    GenerationError,
+    GenerationResult,
+    generate,
+    generate_batch,
+    next_tokens,
+    sampling_probabilities,
+    use_reference,
+)
 from spqr.hf import load_quantized
 from spqr.kernels import cpu
 from spqr.nn import SpQRLinear
@@ -83,8 +92,8 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, input_ids, cache=None, use_cache=True):
-        return {"logits": self.logits.expand(1, input_ids.shape[1], -1), "cache": None}
+    def forward(self, input_ids, cache=None, use_cache=True, **padding):
+        return {"logits": self.logits.expand(*input_ids.shape, -1), "cache": None}
 
 
 def test_sampling_probabilities_truncate_and_renormalize():
@@ -114,7 +123,7 @@ def test_sampled_tokens_follow_the_distribution():
     expected = sampling_probabilities(logits, sampling)
     generator = torch.Generator().manual_seed(0)
     n = 20000
-    counts = torch.bincount(torch.tensor([next_token(logits, sampling, generator) for _ in range(n)]), minlength=5)
+    counts = torch.bincount(next_tokens(logits.expand(n, -1), sampling, generator), minlength=5)
     assert counts[3] == 0  # outside the top 4
     sigma = (n * expected * (1 - expected)).sqrt()
     assert ((counts - n * expected).abs() <= 5 * sigma + 1e-9).all(), (counts, n * expected)
@@ -139,6 +148,68 @@ def test_generate_refuses_nan_logits():
     for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0)):
         with pytest.raises(GenerationError, match="NaN logits"):
             generate(FixedLogits(logits), torch.tensor([[1]]), 3, sampling=sampling)
+
+
+def test_sampling_probabilities_per_row():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    probs = sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_k=2))
+    for row in range(2):
+        torch.testing.assert_close(probs[row], sampling_probabilities(logits[row], SamplingConfig(temperature=1.0,
+                                                                                                  top_k=2)))
+    assert probs[0, 0] == 0 and probs[1, 2] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_batch_generation_matches_one_prompt_at_a_time(arch):
+    from tests.helpers import make_model
+
+    model = make_model(arch).eval()
+    prompts = [[5, 17, 42, 7, 99], [3], [8, 1, 60, 2, 2, 9, 14, 33, 21], [77, 78]]
+    result = generate_batch(model, prompts, 12, stop_at_eos=False)
+    assert isinstance(result, BatchGenerationResult) and result.prompt_tokens == [5, 1, 9, 2]
+    for prompt, tokens in zip(prompts, result.tokens):
+        assert tokens == generate(model, torch.tensor([prompt]), 12, stop_at_eos=False).tokens
+    d = result.to_dict()
+    assert d["new_tokens"] == 48 and d["decode_tokens_per_second"] > 0
+
+
+def test_batch_generation_with_the_kernels(quantized_llama):
+    _, _, checkpoint = quantized_llama
+    model = load_quantized(checkpoint)
+    prompts = [[5, 17, 42, 7, 99, 3], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+    fast = generate_batch(model, prompts, 10, stop_at_eos=False)
+    for prompt, tokens in zip(prompts, fast.tokens):
+        assert tokens == generate(model, torch.tensor([prompt]), 10, stop_at_eos=False).tokens
+    slow = generate_batch(use_reference(model), prompts, 10, stop_at_eos=False)
+    use_reference(model, False)
+    assert slow.tokens == fast.tokens
+
+
+def test_batch_rows_stop_at_their_own_eos():
+    class Counter(torch.nn.Module):  # predicts (last token + 1) mod 8; 6 is the end-of-sequence token
+        config = type("C", (), {"eos_token_id": [6]})()
+
+        def forward(self, input_ids, cache=None, use_cache=True, attention_mask=None, position_ids=None):
+            assert attention_mask is not None and position_ids is not None
+            return {"logits": torch.nn.functional.one_hot((input_ids + 1) % 8, 8).float(), "cache": None}
+
+    result = generate_batch(Counter(), [[1, 2], [4], [7, 7, 5]], 5)
+    assert result.tokens == [[3, 4, 5, 6], [5, 6], [6]]
+    assert generate_batch(Counter(), [[1, 2], [4]], 5, stop_at_eos=False).tokens == [[3, 4, 5, 6, 7], [5, 6, 7, 0, 1]]
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_batch(Counter(), [[1], []], 3)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_batch(Counter(), [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_batch(Counter(), [[1]], 0)
+
+
+def test_batch_sampling_is_reproducible():
+    model = FixedLogits(torch.zeros(50))
+    sampling = SamplingConfig(temperature=1.0, seed=3)
+    first = generate_batch(model, [[1], [2, 3]], 20, sampling=sampling)
+    assert first.tokens == generate_batch(model, [[1], [2, 3]], 20, sampling=sampling).tokens
+    assert first.tokens[0] != first.tokens[1]
 
 
 def test_prefill_asks_for_the_last_logits_only():
@@ -169,6 +240,15 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
                  "--reference", "--json", str(ref)]) == 0
     assert json.loads(ref.read_text())["tokens"] == result["tokens"]
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    batch = tmp_path / "batch.json"
+    capsys.readouterr()
+    assert main(["generate", str(checkpoint), "--prompt", "The", "--prompt", "A longer prompt", "--max-new-tokens",
+                 "6", "--ignore-eos", "--json", str(batch)]) == 0
+    captured = capsys.readouterr()
+    batched = json.loads(batch.read_text())
+    assert batched["tokens"][0] == result["tokens"] and len(batched["tokens"][1]) == 6
+    assert batched["text"][0] == result["text"] and "batch of 2" in captured.err
+    assert captured.out == "".join(f"[{i}] {text}\n" for i, text in enumerate(batched["text"]))
     sampled = []
     for run in range(2):
         path = tmp_path / f"sampled{run}.json"
