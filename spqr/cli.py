@@ -228,11 +228,12 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         for i, text in enumerate(texts):
             print(f"[{i}] {text}")
     figures = result.to_dict()
-    batch = f" (batch of {len(prompts)})" if len(prompts) > 1 else ""
-    prompt_tokens = sum(result.prompt_tokens) if len(prompts) > 1 else result.prompt_tokens
-    print(f"prefill{batch}: {prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
-          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {figures['new_tokens'] - len(prompts)} tokens "
-          f"in {result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+    n = len(prompts)
+    prompt_tokens = result.prompt_tokens if n == 1 else sum(result.prompt_tokens)
+    decoded = figures["new_tokens"] - n  # each prompt's first new token comes with the prefill
+    print(f"prefill{f' (batch of {n})' if n > 1 else ''}: {prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
+          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {decoded} tokens in "
+          f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
                "sampling": sampling.to_dict(), "text": texts, **figures}
     _write_json(summary, args.json)

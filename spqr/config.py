@@ -156,7 +156,6 @@ class CalibrationConfig:
         return asdict(self)
 
 
-
 @dataclass(frozen=True)
 class SamplingConfig:
     """How generation picks each next token from the model's logits.

@@ -1,4 +1,5 @@
-"""SpQRLinear through the kernels vs its reference path, greedy generation, and the generate/bench CLI."""
+"""SpQRLinear through the kernels vs its reference path, generation (greedy, sampled, batched), and the
+generate/bench CLI."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from spqr.generate import (
 from spqr.hf import load_quantized
 from spqr.kernels import cpu
 from spqr.nn import SpQRLinear
+from tests.helpers import make_model
 
 
 @pytest.mark.parametrize("amx", [True, False])  # >8-row calls on AMX where the CPU has it, else on AVX-512
@@ -161,8 +163,6 @@ def test_sampling_probabilities_per_row():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_batch_generation_matches_one_prompt_at_a_time(arch):
-    from tests.helpers import make_model
-
     model = make_model(arch).eval()
     prompts = [[5, 17, 42, 7, 99], [3], [8, 1, 60, 2, 2, 9, 14, 33, 21], [77, 78]]
     result = generate_batch(model, prompts, 12, stop_at_eos=False)
