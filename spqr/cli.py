@@ -279,12 +279,19 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             print(f"{out}x{inp} rows={rows}: spqr {r['spqr_ms']:.3f} ms "
                   f"({r['spqr_packed_gbs']:.1f} GB/s of packed weights); {base}")
     if args.model:
+        if args.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {args.batch}")
         model, tokenizer = load_model(args.model)
+        model = model.to(args.device)
         ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
-        result = generate(model.to(args.device), ids, args.tokens, stop_at_eos=False)
-        summary["generation"] = {"model": args.model, **result.to_dict()}
-        print(f"generation: prefill {result.prefill_tokens_per_second:.1f} tokens/s, "
-              f"decode {result.decode_tokens_per_second:.2f} tokens/s ({len(result.tokens)} tokens)")
+        if args.batch == 1:
+            result = generate(model, ids, args.tokens, stop_at_eos=False)
+        else:  # the prompt decoded args.batch times side by side
+            result = generate_batch(model, [ids[0]] * args.batch, args.tokens, stop_at_eos=False)
+        summary["generation"] = {"model": args.model, "batch": args.batch, **result.to_dict()}
+        print(f"generation{f' (batch of {args.batch})' if args.batch > 1 else ''}: prefill "
+              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode {result.decode_tokens_per_second:.2f} "
+              f"tokens/s ({args.tokens} tokens each)")
     _write_json(summary, args.json)
     return summary
 
@@ -409,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="also time greedy generation with this checkpoint or model")
     b.add_argument("--prompt", default="The history of the Roman Republic", help="prompt for --model")
     b.add_argument("--tokens", type=int, default=128, help="tokens to generate with --model (default 128)")
+    b.add_argument("--batch", type=int, default=1,
+                   help="with --model: decode the prompt this many times side by side (default 1)")
     b.add_argument("--json", help="write the measurements as JSON to this path")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -278,6 +278,20 @@ def test_cli_bench(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_cli_bench_generation(quantized_llama, tmp_path, capsys):
+    _, _, checkpoint = quantized_llama
+    for batch in (1, 3):
+        out = tmp_path / f"bench{batch}.json"
+        assert main(["bench", "--shapes", "16x32", "--rows", "1", "--repeats", "1", "--model", str(checkpoint),
+                     "--tokens", "5", "--batch", str(batch), "--json", str(out)]) == 0
+        generation = json.loads(out.read_text())["generation"]
+        assert generation["batch"] == batch and generation["new_tokens"] == 5 * batch
+        assert generation["decode_tokens_per_second"] > 0
+    assert generation["tokens"][0] == generation["tokens"][2]  # the same prompt three times
+    assert "batch of 3" in capsys.readouterr().out
+    assert main(["bench", "--shapes", "16x32", "--rows", "1", "--model", str(checkpoint), "--batch", "0"]) == 2
+
+
 def test_load_with_bfloat16_unquantized_parts(quantized_llama):
     _, _, checkpoint = quantized_llama
     fp32 = load_quantized(checkpoint)
