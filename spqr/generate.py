@@ -10,6 +10,7 @@ quantized layer reads its weights once for all of them (the kernels' batched mat
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -117,7 +118,7 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
-    generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
+    generator = None if sampling.greedy else torch.Generator(input_ids.device).manual_seed(sampling.seed)
     padding = {}
     if attention_mask is not None:  # positions count each row's own tokens only
         padding = {"attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
@@ -175,15 +176,16 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
         raise ValueError("generate_batch needs at least one prompt, and every prompt at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1).cpu() for p in prompts]
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # left padding: every row ends at its last token
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = r
         attention_mask[i, width - len(r):] = 1
-    tokens, prefill, decode = _run(model, input_ids, attention_mask, max_new_tokens, _eos_ids(model, stop_at_eos),
-                                   sampling, None)
+    device = next(itertools.chain(model.parameters(), model.buffers()), input_ids).device  # the model's
+    tokens, prefill, decode = _run(model, input_ids.to(device), attention_mask.to(device), max_new_tokens,
+                                   _eos_ids(model, stop_at_eos), sampling, None)
     return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
 
 
