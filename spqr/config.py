@@ -165,7 +165,7 @@ class SamplingConfig:
     top_k:       ... restricted to the top_k most likely tokens (0: no limit) ...
     top_p:       ... and then to the smallest set of most likely tokens whose probability reaches top_p
                  (nucleus sampling; 1.0: no limit).
-    seed:        seeds the draws: the same model, prompt and seed give the same tokens.
+    seed:        seeds the draws: the same model, prompt and seed give the same tokens (on the same device).
     """
 
     temperature: float = 0.0
