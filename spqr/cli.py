@@ -199,7 +199,8 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed,  # checked before loading
+                              args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0,
                    help="sample among the most likely tokens whose probability reaches p (1.0: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (above 1: fewer repetitions; default 1.0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--reference", action="store_true", help="quantized layers by dequantize-then-matmul (slow)")

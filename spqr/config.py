@@ -166,12 +166,16 @@ class SamplingConfig:
     top_p:       ... and then to the smallest set of most likely tokens whose probability reaches top_p
                  (nucleus sampling; 1.0: no limit).
     seed:        seeds the draws: the same model, prompt and seed give the same tokens (on the same device).
+    repetition_penalty: tokens already in the prompt or the output have their logits divided by it where
+                 positive and multiplied by it where negative (the CTRL paper's rule, as in transformers),
+                 before greedy or sampled choice; 1.0: off, above 1: fewer repetitions.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -182,6 +186,9 @@ class SamplingConfig:
                f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        _check(isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
+               and self.repetition_penalty > 0,
+               f"repetition_penalty must be a finite number > 0 (1.0: off), got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:

@@ -97,11 +97,21 @@ def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> to
     return probs / probs.sum(-1, keepdim=True)
 
 
-def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [B, V] with the entries of seen tokens (seen [B, V] bool) divided by penalty where positive and
+    multiplied by it where negative (so that penalty > 1 always makes them less likely)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's next token id [B] (int64) from the last position's logits [B, V]: argmax when greedy, else one
-    draw per row (generator)."""
+    draw per row (generator); seen [B, V] (bool): the tokens that sampling.repetition_penalty applies to."""
     if torch.isnan(logits).any():
         raise GenerationError("the model produced NaN logits (are its weights and inputs finite?)")
+    if seen is not None and sampling.repetition_penalty != 1:
+        logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return logits.argmax(-1)
     return torch.multinomial(sampling_probabilities(logits, sampling), 1, generator=generator).squeeze(-1)
@@ -124,7 +134,13 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
         padding = {"attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
     start = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **padding, **_last_logits_only(model))
-    token = next_tokens(out["logits"][:, -1], sampling, generator)
+    seen = None  # [B, V]: the tokens of each row's prompt (not its padding) and output, for the repetition penalty
+    if sampling.repetition_penalty != 1:
+        seen = torch.zeros(len(input_ids), out["logits"].shape[-1], dtype=torch.bool, device=input_ids.device)
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(input_ids)
+        seen[rows[real], input_ids[real]] = True
+    token = next_tokens(out["logits"][:, -1], sampling, generator, seen)
     prefill = time.perf_counter() - start
     tokens = [[t] for t in token.tolist()]
     done = [t in eos_ids for t in token.tolist()]
@@ -139,8 +155,10 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
             mask = padding["attention_mask"]
             padding = {"attention_mask": torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1),
                        "position_ids": padding["position_ids"][:, -1:] + 1}
+        if seen is not None:
+            seen[torch.arange(len(token)), token] = True
         out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding)
-        token = next_tokens(out["logits"][:, -1], sampling, generator)
+        token = next_tokens(out["logits"][:, -1], sampling, generator, seen)
         for row, t in enumerate(token.tolist()):  # finished rows go on computing; their tokens are dropped
             if not done[row]:
                 tokens[row].append(t)

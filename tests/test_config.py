@@ -108,7 +108,9 @@ def test_configs_are_frozen():
 
 @pytest.mark.parametrize("option, value", [("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
                                            ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5),
-                                           ("top_p", math.nan), ("seed", -1), ("seed", 2**63)])
+                                           ("top_p", math.nan), ("seed", -1), ("seed", 2**63),
+                                           ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+                                           ("repetition_penalty", math.inf)])
 def test_sampling_config_validation(option, value):
     with pytest.raises(ConfigError, match=option):
         SamplingConfig(**{option: value})
@@ -117,4 +119,4 @@ def test_sampling_config_validation(option, value):
 def test_sampling_config_defaults_are_greedy():
     assert SamplingConfig().greedy and not SamplingConfig(temperature=0.7).greedy
     assert SamplingConfig(temperature=1, top_k=5, top_p=0.9, seed=3).to_dict() == {
-        "temperature": 1, "top_k": 5, "top_p": 0.9, "seed": 3}
+        "temperature": 1, "top_k": 5, "top_p": 0.9, "seed": 3, "repetition_penalty": 1.0}

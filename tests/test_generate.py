@@ -17,6 +17,7 @@ from spqr.generate import (
     generate,
     generate_batch,
     next_tokens,
+    penalize_repetition,
     sampling_probabilities,
     use_reference,
 )
@@ -144,6 +145,21 @@ def test_generate_samples_reproducibly():
     assert limited.tokens == greedy.tokens
 
 
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    torch.testing.assert_close(penalize_repetition(logits, torch.tensor([[True, True, False]]), 2.0),
+                               torch.tensor([[1.0, -2.0, 0.5]]))
+    model = FixedLogits(torch.tensor([3.0, 2.0, 1.0, 0.5]))
+    penalty = SamplingConfig(repetition_penalty=10.0)  # greedy: a seen token's logit drops tenfold
+    assert generate(model, torch.tensor([[3]]), 4, sampling=penalty).tokens == [0, 1, 2, 0]
+    assert generate(model, torch.tensor([[3]]), 4).tokens == [0, 0, 0, 0]
+    # per row, and the left padding (token id 0) of the shorter prompt does not count as seen
+    batch = generate_batch(model, [[3], [1, 3]], 4, sampling=penalty)
+    assert batch.tokens == [[0, 1, 2, 0], [0, 2, 0, 0]]  # a token is penalized once, however often it recurs
+    sampled = SamplingConfig(temperature=1.0, top_k=1, repetition_penalty=10.0, seed=2)
+    assert generate(model, torch.tensor([[3]]), 4, sampling=sampled).tokens == [0, 1, 2, 0]
+
+
 def test_generate_refuses_nan_logits():
     logits = torch.zeros(8)
     logits[3] = float("nan")
@@ -254,10 +270,11 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
         path = tmp_path / f"sampled{run}.json"
         assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "8", "--ignore-eos",
                      "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", "5",
-                     "--json", str(path)]) == 0
+                     "--repetition-penalty", "1.3", "--json", str(path)]) == 0
         sampled.append(json.loads(path.read_text()))
     assert sampled[0]["tokens"] == sampled[1]["tokens"] and len(sampled[0]["tokens"]) == 8
-    assert sampled[0]["sampling"] == {"temperature": 1.5, "top_k": 20, "top_p": 0.95, "seed": 5}
+    assert sampled[0]["sampling"] == {"temperature": 1.5, "top_k": 20, "top_p": 0.95, "seed": 5,
+                                      "repetition_penalty": 1.3}
     capsys.readouterr()
     assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
