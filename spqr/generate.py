@@ -156,7 +156,7 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
             padding = {"attention_mask": torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1),
                        "position_ids": padding["position_ids"][:, -1:] + 1}
         if seen is not None:
-            seen[torch.arange(len(token)), token] = True
+            seen[torch.arange(len(token), device=token.device), token] = True
         out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding)
         token = next_tokens(out["logits"][:, -1], sampling, generator, seen)
         for row, t in enumerate(token.tolist()):  # finished rows go on computing; their tokens are dropped
