@@ -80,6 +80,16 @@ def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
 
 
+def _check_eval_options(seqlen: int, max_windows: int | None, batch_size: int, seqlen_option: str) -> None:
+    """Refuse perplexity options that cannot work, before any model is loaded or quantized."""
+    if seqlen < 2:
+        raise ConfigError(f"{seqlen_option} must be >= 2 (a window needs a token to predict), got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"--max-windows must be >= 1, got {max_windows}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+
+
 def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
               batch_size: int) -> dict:
     from spqr.eval.perplexity import perplexity
@@ -93,6 +103,8 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
+    if args.eval:
+        _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen")
     overrides = {k: v for k, v in {
         "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
         "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize, "stats_dtype": args.stats_dtype,
@@ -161,6 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
+    _check_eval_options(args.seqlen, args.max_windows, args.batch_size, "--seqlen")
     model, tokenizer = load_model(args.model)
     result = _evaluate(model, tokenizer, args.dataset, args.split, args.seqlen, args.max_windows, args.batch_size)
     result["model"] = str(args.model) if args.model else "default"
@@ -192,10 +205,15 @@ _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "fl
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """[1, T] token ids of the prompt (wrapped in the chat template if chat); refuses a prompt of no tokens."""
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[-1] == 0:
+        raise ConfigError(f"the prompt {prompt!r} has no tokens; give some text (or --chat)")
+    return ids
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
@@ -257,6 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
     if args.wbits is not None and not 1 <= args.wbits <= 8:
         raise ConfigError(f"--wbits must be in 1..8, got {args.wbits}")
+    for option, values in (("--rows", args.rows), ("--repeats", [args.repeats]), ("--tokens", [args.tokens]),
+                           ("--batch", [args.batch])):
+        if min(values) < 1:
+            raise ConfigError(f"{option} must be >= 1, got {min(values)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     if args.device == "cuda":
@@ -280,8 +302,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             print(f"{out}x{inp} rows={rows}: spqr {r['spqr_ms']:.3f} ms "
                   f"({r['spqr_packed_gbs']:.1f} GB/s of packed weights); {base}")
     if args.model:
-        if args.batch < 1:
-            raise ConfigError(f"--batch must be >= 1, got {args.batch}")
         model, tokenizer = load_model(args.model)
         model = model.to(args.device)
         ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)

@@ -69,6 +69,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] from the start of ids; the ragged tail is dropped."""
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise DataError(f"evaluation windows need seqlen >= 2 and max_windows >= 1, got {seqlen} and {max_windows}")
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

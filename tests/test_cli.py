@@ -151,7 +151,8 @@ def test_overwrite(spqr_run, model_dirs, text_file, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "stats_dtype", "short_calib", "eval_missing",
-                                  "info_not_checkpoint", "bad_dataset"])
+                                  "info_not_checkpoint", "bad_dataset", "eval_seqlen", "eval_windows",
+                                  "eval_batch", "quantize_eval_seqlen"])
 def test_user_errors_exit_2(case, model_dirs, text_file, tmp_path, capsys):
     model = str(model_dirs["llama"])
     out = str(tmp_path / "out")
@@ -167,6 +168,12 @@ def test_user_errors_exit_2(case, model_dirs, text_file, tmp_path, capsys):
         "eval_missing": (["eval", str(tmp_path / "nope"), "--dataset", str(text_file)], "does not exist"),
         "info_not_checkpoint": (["info", model], "spqr_packed"),
         "bad_dataset": (["eval", model, "--dataset", "no-such-set"], "unknown dataset"),
+        "eval_seqlen": (["eval", model, "--dataset", str(text_file), "--seqlen", "1"], "--seqlen must be >= 2"),
+        "eval_windows": (["eval", model, "--dataset", str(text_file), "--max-windows", "0"],
+                         "--max-windows must be >= 1"),
+        "eval_batch": (["eval", model, "--dataset", str(text_file), "--batch-size", "0"], "--batch-size must be >= 1"),
+        "quantize_eval_seqlen": (["quantize", model, "-o", out, "--method", "rtn", "--eval", "--eval-seqlen", "0"],
+                                 "--eval-seqlen must be >= 2"),
     }[case]
     assert main(argv) == 2
     err = capsys.readouterr().err

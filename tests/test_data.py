@@ -99,6 +99,9 @@ def test_eval_windows():
     assert eval_windows(ids, 103).shape == (1, 103)
     with pytest.raises(DataError):
         eval_windows(ids, 104)
+    for seqlen, max_windows in ((1, None), (0, None), (10, 0)):
+        with pytest.raises(DataError, match="seqlen >= 2 and max_windows >= 1"):
+            eval_windows(ids, seqlen, max_windows)
 
 
 def test_calibration_windows():

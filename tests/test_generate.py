@@ -278,6 +278,10 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "The", "--prompt", ""]) == 2
+    assert "has no tokens" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_bench(tmp_path, capsys):
@@ -292,7 +296,10 @@ def test_cli_bench(tmp_path, capsys):
         main(["bench", "--shapes", "12by4"])
     assert exit_info.value.code == 2
     assert main(["bench", "--wbits", "9", "--shapes", "16x16"]) == 2
-    capsys.readouterr()
+    for bad in (["--rows", "1,0"], ["--repeats", "0"], ["--tokens", "0"], ["--batch", "0"]):
+        capsys.readouterr()
+        assert main(["bench", "--shapes", "16x16", *bad]) == 2
+        assert f"{bad[0]} must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_bench_generation(quantized_llama, tmp_path, capsys):
@@ -306,7 +313,6 @@ def test_cli_bench_generation(quantized_llama, tmp_path, capsys):
         assert generation["decode_tokens_per_second"] > 0
     assert generation["tokens"][0] == generation["tokens"][2]  # the same prompt three times
     assert "batch of 3" in capsys.readouterr().out
-    assert main(["bench", "--shapes", "16x32", "--rows", "1", "--model", str(checkpoint), "--batch", "0"]) == 2
 
 
 def test_load_with_bfloat16_unquantized_parts(quantized_llama):
