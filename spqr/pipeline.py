@@ -293,6 +293,11 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
     return packed_layers
 
 
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """Whether the Linear `name` (full module name) is one of `skip`: a full name or a dotted suffix."""
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
@@ -324,6 +329,11 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     total_start = time.perf_counter()
     report = QuantizationReport()
     blocks_name, blocks = find_decoder_blocks(model)
+    linear_names = [f"{blocks_name}.{i}.{name}" for i, block in enumerate(blocks) for name in block_linears(block)]
+    unmatched = [s for s in skip if not any(_skipped(name, (s,)) for name in linear_names)]
+    if unmatched:  # a typo would otherwise quietly quantize the layer it meant to keep
+        raise ConfigError(f"skip names that match no Linear of the decoder blocks: {unmatched} (give a full name "
+                          f"such as {linear_names[0]!r} or a suffix such as {linear_names[0].split('.', 3)[-1]!r})")
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -403,8 +413,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     for index, block in bar:
         load_block(index)
         prefix = f"{blocks_name}.{index}."
-        linears = {name: m for name, m in block_linears(block).items()
-                   if not any((prefix + name) == s or (prefix + name).endswith("." + s) for s in skip)}
+        linears = {name: m for name, m in block_linears(block).items() if not _skipped(prefix + name, skip)}
         for name, linear in linears.items():
             if not bool(torch.isfinite(linear.weight).all()):
                 raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spqr.algo.engine import quantize_weights
-from spqr.config import CalibrationConfig, QuantConfig, preset
+from spqr.config import CalibrationConfig, ConfigError, QuantConfig, preset
 from spqr.data import DataError, calibration_windows, load_text, tokenize
 from spqr.format.layout import PackedLinear
 from spqr.hf import ModelLoadError, find_decoder_blocks
@@ -148,6 +148,12 @@ def test_skip_keeps_linears_in_full_precision():
     quantize(model, None, preset("rtn"), skip=("model.layers.1.self_attn.o_proj",), progress=False)
     assert type(model.model.layers[1].self_attn.o_proj) is nn.Linear
     assert isinstance(model.model.layers[0].self_attn.o_proj, SpQRLinear)
+    # a name that matches nothing (a typo, a partial word) is refused before anything is quantized
+    for typo in ("mlp.down_prj", "down", "model.layers.9.mlp.down_proj"):
+        model = make_model("llama")
+        with pytest.raises(ConfigError, match="match no Linear"):
+            quantize(model, None, preset("rtn"), skip=("mlp.up_proj", typo), progress=False)
+        assert not any(isinstance(m, SpQRLinear) for m in model.modules())
 
 
 def test_rtn_needs_no_calibration_and_is_plain_rounding(arch):
@@ -321,8 +327,6 @@ def test_quantize_head_uses_the_final_hidden_states(arch, monkeypatch):
 
 
 def test_quantize_head_with_its_own_recipe():
-    from spqr.config import ConfigError
-
     model = make_model("llama")
     quantize(model, random_windows(6, 16), QuantConfig(wbits=3), quantize_head=QuantConfig(wbits=5), progress=False)
     assert model.lm_head.spec.wbits == 5 and model.model.layers[0].mlp.up_proj.spec.wbits == 3
