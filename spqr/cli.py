@@ -207,6 +207,8 @@ _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "fl
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     """[1, T] token ids of the prompt (wrapped in the chat template if chat); refuses a prompt of no tokens."""
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("--chat: this model's tokenizer has no chat template; give the prompt as plain text")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:

@@ -280,6 +280,8 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", str(checkpoint), "--prompt", "The", "--prompt", ""]) == 2
     assert "has no tokens" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "The", "--chat"]) == 2  # the test tokenizer has none
+    assert "no chat template" in capsys.readouterr().err
     assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
 
