@@ -128,6 +128,10 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}) for this model, got {int(input_ids.min())}.."
+                         f"{int(input_ids.max())}")
     generator = None if sampling.greedy else torch.Generator(input_ids.device).manual_seed(sampling.seed)
     padding = {}
     if attention_mask is not None:  # positions count each row's own tokens only

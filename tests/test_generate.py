@@ -187,6 +187,11 @@ def test_batch_generation_matches_one_prompt_at_a_time(arch):
         assert tokens == generate(model, torch.tensor([prompt]), 12, stop_at_eos=False).tokens
     d = result.to_dict()
     assert d["new_tokens"] == 48 and d["decode_tokens_per_second"] > 0
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids must be in \[0, {vocab}\)"):
+        generate_batch(model, [[1, 2], [vocab]], 3)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        generate(model, torch.tensor([[-1, 5]]), 3)
 
 
 def test_batch_generation_with_the_kernels(quantized_llama):
