@@ -332,8 +332,9 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     linear_names = [f"{blocks_name}.{i}.{name}" for i, block in enumerate(blocks) for name in block_linears(block)]
     unmatched = [s for s in skip if not any(_skipped(name, (s,)) for name in linear_names)]
     if unmatched:  # a typo would otherwise quietly quantize the layer it meant to keep
+        suffix = next(iter(block_linears(blocks[0])))
         raise ConfigError(f"skip names that match no Linear of the decoder blocks: {unmatched} (give a full name "
-                          f"such as {linear_names[0]!r} or a suffix such as {linear_names[0].split('.', 3)[-1]!r})")
+                          f"such as {linear_names[0]!r} or a suffix such as {suffix!r})")
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
     max_len = getattr(model.config, "max_position_embeddings", None)
