@@ -177,8 +177,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
              on_token: Callable[[int], None] | None = None, sampling: SamplingConfig = GREEDY) -> GenerationResult:
     """Up to max_new_tokens after input_ids [1, T] (int64), greedy or sampled as `sampling` says (seeded: the
     same inputs and seed give the same tokens); calls on_token per token."""
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [1, T] with T >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be token ids of shape [1, T] with T >= 1, got {tuple(input_ids.shape)} of "
+                         f"{input_ids.dtype}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens, prefill, decode = _run(model, input_ids, None, max_new_tokens, _eos_ids(model, stop_at_eos), sampling,

@@ -293,6 +293,17 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
     return packed_layers
 
 
+def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
+    """Refuse calibration that is not token ids [nsamples, seqlen] of this model (it would fail deep in a forward)."""
+    if calibration.ndim != 2 or calibration.numel() == 0 or calibration.is_floating_point() \
+            or calibration.dtype == torch.bool:
+        raise DataError(f"calibration must be token ids [nsamples, seqlen] (int64, e.g. from calibration_data), "
+                        f"got shape {tuple(calibration.shape)} of {calibration.dtype}")
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise DataError(f"calibration token ids must be in [0, {vocab}) for this model, got {low}..{high}")
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether the Linear `name` (full module name) is one of `skip`: a full name or a dotted suffix."""
     return any(name == s or name.endswith("." + s) for s in skip)
@@ -337,6 +348,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                           f"such as {linear_names[0]!r} or a suffix such as {suffix!r})")
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
+    if calibration is not None:
+        _check_calibration(calibration, getattr(model.config, "vocab_size", None))
     max_len = getattr(model.config, "max_position_embeddings", None)
     if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")

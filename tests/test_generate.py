@@ -80,8 +80,10 @@ def test_generate_stops_at_eos_and_streams():
     result = generate(Tiny(), torch.tensor([[1, 1]]), 10, on_token=seen.append)
     assert result.tokens == seen == [2]
     assert len(generate(Tiny(), torch.tensor([[1]]), 4, stop_at_eos=False).tokens) == 4
-    with pytest.raises(ValueError, match="input_ids must have shape"):
+    with pytest.raises(ValueError, match="input_ids must be token ids of shape"):
         generate(Tiny(), torch.tensor([1, 2]), 3)
+    with pytest.raises(ValueError, match="input_ids must be token ids of shape"):
+        generate(Tiny(), torch.tensor([[1.0, 2.0]]), 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(Tiny(), torch.tensor([[1]]), 0)
 

@@ -156,6 +156,18 @@ def test_skip_keeps_linears_in_full_precision():
         assert not any(isinstance(m, SpQRLinear) for m in model.modules())
 
 
+def test_bad_calibration_is_refused_before_quantizing():
+    vocab = make_model("llama").config.vocab_size
+    for calibration, message in ((torch.randn(4, 16), "token ids"), (torch.randint(0, 100, (16,)), "token ids"),
+                                 (torch.zeros(0, 16, dtype=torch.long), "token ids"),
+                                 (torch.full((2, 16), vocab), rf"\[0, {vocab}\)"),
+                                 (torch.full((2, 16), -1), "must be in")):
+        model = make_model("llama")
+        with pytest.raises(DataError, match=message):
+            quantize(model, calibration, QuantConfig(), progress=False)
+        assert not any(isinstance(m, SpQRLinear) for m in model.modules())
+
+
 def test_rtn_needs_no_calibration_and_is_plain_rounding(arch):
     original = make_model(arch)
     model = make_model(arch)
