@@ -83,16 +83,23 @@ def kernel_section() -> dict:
 GENERATION_ROUNDS = 3
 
 
-def _generations(models: dict, ids: torch.Tensor, tokens: int, rounds: int = GENERATION_ROUNDS) -> dict[str, dict]:
-    """Greedy generation with each model: a short warm-up (first-call costs: scratch buffers, caches), then
-    `rounds` full generations taking turns model by model, so that a slow minute of this noisy machine hits
-    them alike. Each figure is the median over the rounds; every round must give the same tokens."""
+def _generations(models: dict, ids: torch.Tensor | list[list[int]], tokens: int,
+                 rounds: int = GENERATION_ROUNDS) -> dict[str, dict]:
+    """Greedy generation with each model, of one prompt (ids [1, T]) or a batch (a list of prompts, decoded side
+    by side): a short warm-up (first-call costs: scratch buffers, caches), then `rounds` full generations taking
+    turns model by model, so that a slow minute of this noisy machine hits them alike. Each figure is the median
+    over the rounds; every round must give the same tokens."""
+    def run(model, n: int):
+        if isinstance(ids, list):
+            return generate_batch(model, ids, n, stop_at_eos=False)
+        return generate(model, ids, n, stop_at_eos=False)
+
     for model in models.values():
-        generate(model, ids, 2, stop_at_eos=False)
+        run(model, 2)
     runs: dict[str, list[dict]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            runs[name].append(generate(model, ids, tokens, stop_at_eos=False).to_dict())
+            runs[name].append(run(model, tokens).to_dict())
     result = {}
     for name, model_runs in runs.items():
         if any(run["tokens"] != model_runs[0]["tokens"] for run in model_runs):
@@ -163,23 +170,16 @@ def batched_section(checkpoint: Path, batches: tuple[int, ...] = (1, 4, 8), prom
     models = {"fp32": baseline, "spqr": load_quantized(checkpoint)}
     ids = tokenize(tokenizer, load_text("wikitext2", "test"))
     prompts = [ids[i * 1000:i * 1000 + prompt_tokens].tolist() for i in range(max(batches))]
-    for model in models.values():  # warm-up
-        generate_batch(model, prompts[:2], 2, stop_at_eos=False)
     result: dict = {"prompt": f"{prompt_tokens} tokens of wikitext2 test at offsets 0, 1000, ...",
                     "new_tokens_per_prompt": tokens, "batches": []}
     for batch in batches:
-        runs: dict[str, list] = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, model in models.items():
-                runs[name].append(generate_batch(model, prompts[:batch], tokens, stop_at_eos=False))
+        timed = _generations(models, prompts[:batch], tokens, rounds)
         entry: dict = {"batch": batch}
-        for name, model_runs in runs.items():
-            if any(run.tokens != model_runs[0].tokens for run in model_runs):
-                raise RuntimeError(f"{name}: batched greedy tokens differ from one round to the next")
-            rates = [run.decode_tokens_per_second for run in model_runs]
-            entry[name] = {"decode_tokens_per_second": statistics.median(rates), "all_rounds": rates}
+        for name, run in timed.items():
+            entry[name] = {"decode_tokens_per_second": run["decode_tokens_per_second"],
+                           "all_rounds": run["decode_tokens_per_second_all_rounds"]}
         alone = [generate(models["spqr"], torch.tensor([p]), tokens, stop_at_eos=False).tokens for p in prompts[:batch]]
-        entry["spqr_batch_matches_each_prompt_alone"] = runs["spqr"][0].tokens == alone
+        entry["spqr_batch_matches_each_prompt_alone"] = timed["spqr"]["tokens"] == alone
         entry["decode_speedup_vs_fp32"] = (entry["spqr"]["decode_tokens_per_second"]
                                            / entry["fp32"]["decode_tokens_per_second"])
         result["batches"].append(entry)

@@ -248,15 +248,13 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
         for i, text in enumerate(texts):
             print(f"[{i}] {text}")
-    figures = result.to_dict()
     n = len(prompts)
-    prompt_tokens = result.prompt_tokens if n == 1 else sum(result.prompt_tokens)
-    decoded = figures["new_tokens"] - n  # each prompt's first new token comes with the prefill
-    print(f"prefill{f' (batch of {n})' if n > 1 else ''}: {prompt_tokens} tokens in {result.prefill_seconds:.3f} s "
-          f"({result.prefill_tokens_per_second:.1f} tokens/s); decode: {decoded} tokens in "
-          f"{result.decode_seconds:.3f} s ({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+    print(f"prefill{f' (batch of {n})' if n > 1 else ''}: {result.prompt_token_count} tokens in "
+          f"{result.prefill_seconds:.3f} s ({result.prefill_tokens_per_second:.1f} tokens/s); decode: "
+          f"{result.decoded_token_count} tokens in {result.decode_seconds:.3f} s "
+          f"({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
-               "sampling": sampling.to_dict(), "text": texts, **figures}
+               "sampling": sampling.to_dict(), "text": texts, **result.to_dict()}
     _write_json(summary, args.json)
     return summary
 

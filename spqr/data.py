@@ -67,6 +67,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
+def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
+    """Refuse ids outside [0, vocab) (vocab None: only negative ones), which would fail deep in a model's embedding."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise DataError(f"{what}: token ids must be in [0, {vocab}) for this model, got {low}..{high}")
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] from the start of ids; the ragged tail is dropped."""
     if seqlen < 2 or (max_windows is not None and max_windows < 1):

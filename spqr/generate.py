@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from spqr.config import SamplingConfig
+from spqr.data import check_token_ids
 from spqr.nn import SpQRLinear
 
 GREEDY = SamplingConfig()
@@ -28,49 +29,68 @@ class GenerationError(ValueError):
     """The model's output cannot be decoded into tokens (NaN logits)."""
 
 
-@dataclass
-class GenerationResult:
-    prompt_tokens: int
-    tokens: list[int]  # the new tokens only
-    prefill_seconds: float  # prompt forward, which also yields the first new token
-    decode_seconds: float  # the remaining len(tokens) - 1 forwards
+class _Throughput:
+    """tokens/s and the JSON form of a generation result, from its prompt lengths and per-prompt new tokens."""
+
+    prefill_seconds: float  # the prompt forward, which also yields each prompt's first new token
+    decode_seconds: float  # the remaining forwards, one per step for all prompts
+
+    def _prompt_lengths(self) -> list[int]:
+        raise NotImplementedError
+
+    def _new_tokens(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    @property
+    def prompt_token_count(self) -> int:
+        return sum(self._prompt_lengths())
+
+    @property
+    def decoded_token_count(self) -> int:
+        """New tokens after each prompt's first (those the decode steps produced)."""
+        return sum(len(t) - 1 for t in self._new_tokens())
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+        return self.prompt_token_count / self.prefill_seconds if self.prefill_seconds else float("nan")
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = len(self.tokens) - 1
-        return steps / self.decode_seconds if steps and self.decode_seconds else float("nan")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "new_tokens": len(self.tokens),
-                "prefill_tokens_per_second": self.prefill_tokens_per_second,
-                "decode_tokens_per_second": self.decode_tokens_per_second}
-
-
-@dataclass
-class BatchGenerationResult:
-    prompt_tokens: list[int]  # each prompt's length
-    tokens: list[list[int]]  # each prompt's new tokens (up to and including its end-of-sequence token)
-    prefill_seconds: float  # the batch's prompt forward, which also yields each first new token
-    decode_seconds: float  # the remaining forwards, one per step for the whole batch
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else float("nan")
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """New tokens of all prompts after their first, per second of decoding."""
-        decoded = sum(len(t) - 1 for t in self.tokens)
+        decoded = self.decoded_token_count
         return decoded / self.decode_seconds if decoded and self.decode_seconds else float("nan")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "new_tokens": sum(len(t) for t in self.tokens),
+        return {**asdict(self), "new_tokens": sum(len(t) for t in self._new_tokens()),
                 "prefill_tokens_per_second": self.prefill_tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+@dataclass
+class GenerationResult(_Throughput):
+    prompt_tokens: int
+    tokens: list[int]  # the new tokens only
+    prefill_seconds: float
+    decode_seconds: float
+
+    def _prompt_lengths(self) -> list[int]:
+        return [self.prompt_tokens]
+
+    def _new_tokens(self) -> list[list[int]]:
+        return [self.tokens]
+
+
+@dataclass
+class BatchGenerationResult(_Throughput):
+    prompt_tokens: list[int]  # each prompt's length
+    tokens: list[list[int]]  # each prompt's new tokens (up to and including its end-of-sequence token)
+    prefill_seconds: float
+    decode_seconds: float
+
+    def _prompt_lengths(self) -> list[int]:
+        return self.prompt_tokens
+
+    def _new_tokens(self) -> list[list[int]]:
+        return self.tokens
 
 
 def _last_logits_only(model: nn.Module) -> dict[str, int]:
@@ -128,10 +148,9 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
-        raise ValueError(f"token ids must be in [0, {vocab}) for this model, got {int(input_ids.min())}.."
-                         f"{int(input_ids.max())}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_token_ids(input_ids, getattr(model.config, "vocab_size", None), "input_ids")
     generator = None if sampling.greedy else torch.Generator(input_ids.device).manual_seed(sampling.seed)
     padding = {}
     if attention_mask is not None:  # positions count each row's own tokens only
@@ -180,8 +199,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be token ids of shape [1, T] with T >= 1, got {tuple(input_ids.shape)} of "
                          f"{input_ids.dtype}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens, prefill, decode = _run(model, input_ids, None, max_new_tokens, _eos_ids(model, stop_at_eos), sampling,
                                    on_token)
     return GenerationResult(int(input_ids.shape[1]), tokens[0], prefill, decode)
@@ -197,8 +214,6 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
     are reproducible for the same batch but depend on its composition."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch needs at least one prompt, and every prompt at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1).cpu() for p in prompts]
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # left padding: every row ends at its last token

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from spqr.algo.engine import HessianError, quantize_weights
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig
-from spqr.data import DataError, calibration_windows, load_text, tokenize
+from spqr.data import DataError, calibration_windows, check_token_ids, load_text, tokenize
 from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
@@ -299,9 +299,7 @@ def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
             or calibration.dtype == torch.bool:
         raise DataError(f"calibration must be token ids [nsamples, seqlen] (int64, e.g. from calibration_data), "
                         f"got shape {tuple(calibration.shape)} of {calibration.dtype}")
-    low, high = int(calibration.min()), int(calibration.max())
-    if low < 0 or (vocab is not None and high >= vocab):
-        raise DataError(f"calibration token ids must be in [0, {vocab}) for this model, got {low}..{high}")
+    check_token_ids(calibration, vocab, "calibration")
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
