@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spqr.config import ConfigError
 from spqr.data import eval_windows
 
 
@@ -33,6 +34,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     ids: the whole tokenized text [n] (int64). Each window is scored on its own (no context
     carried across windows), exactly as in the GPTQ/SpQR evaluation code.
     """
+    if batch_size < 1:
+        raise ConfigError(f"perplexity needs batch_size >= 1 windows per forward, got {batch_size}")
     windows = eval_windows(ids, seqlen, max_windows)
     start = time.perf_counter()
     nlls = []

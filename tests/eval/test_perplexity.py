@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from spqr.config import ConfigError
 from spqr.data import DataError
 from spqr.eval.perplexity import perplexity
 from tests.helpers import VOCAB, make_model
@@ -60,3 +61,9 @@ def test_perplexity_of_a_perfect_predictor_is_one():
 def test_too_short_text_raises():
     with pytest.raises(DataError):
         perplexity(make_model("llama"), torch.arange(10), 16, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2])
+def test_batch_size_below_one_is_refused(batch_size):
+    with pytest.raises(ConfigError, match="batch_size >= 1"):
+        perplexity(make_model("llama"), torch.arange(64) % VOCAB, 16, batch_size=batch_size, progress=False)
