@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spqr import kernels
@@ -65,16 +64,16 @@ class SpQRLinear(nn.Module):
         return dequantize_layer(self.spec, self.packed_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.use_reference:
-            return F.linear(x, self.dequantize().to(x.dtype), bias)
-        if type(x) is torch.Tensor and x.is_cpu and not torch.compiler.is_compiling():
+            y = kernels.reference_linear(self.spec, self._buffers, x)
+        elif (type(x) is torch.Tensor and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling()):
             # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call);
-            # tracing, torch.compile and other devices go through the registered op
+            # tracing, torch.compile, other devices and inputs that need a gradient go through the registered op
             y = kernels.cpu_linear(self.spec, self._buffers, x, cache=self._kernel_cache)
         else:
             y = kernels.linear(self.spec, self._buffers, x)
-        return y if bias is None else y + bias
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -332,3 +332,20 @@ def test_set_submodule_and_block_linears():
     marker = nn.Identity()
     set_submodule(model, "model.layers.1.mlp.up_proj", marker)
     assert model.model.layers[1].mlp.up_proj is marker
+
+
+def test_a_quantized_model_backpropagates_to_its_inputs():
+    """The loss's gradient with respect to the input embeddings through a quantized model, on the C kernels, equals
+    the reference path's (dequantize, then F.linear): what training adapters on top of a frozen SpQR model needs."""
+    model, _ = _quantized("llama")
+    embeds = model.get_input_embeddings()(IDS).detach()
+    grads = []
+    for reference in (False, True):
+        for module in model.modules():
+            if isinstance(module, SpQRLinear):
+                module.use_reference = reference
+        x = embeds.clone().requires_grad_()
+        model(inputs_embeds=x, labels=IDS, use_cache=False).loss.backward()
+        grads.append(x.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

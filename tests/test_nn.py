@@ -1,4 +1,5 @@
-"""spqr.nn: placing the packed tensors of SpQRLinear layers in one mapping (PackedArena)."""
+"""spqr.nn: SpQRLinear's inputs and gradients, and placing the packed tensors of its layers in one mapping
+(PackedArena)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from spqr import kernels
 from spqr.format.synthetic import random_packed_layer
 from spqr.nn import PackedArena, SpQRLinear, place_packed_tensors
 
@@ -83,3 +86,53 @@ def test_placed_tensors_outlive_the_arena_object():
     gc.collect()
     churn = [PackedArena(2**22) for _ in range(4)]  # new mappings must not reuse the placed tensor's memory
     assert torch.equal(placed, torch.arange(2**20, dtype=torch.int32)) and len(churn) == 4
+
+
+def _paths(layer: SpQRLinear) -> dict:
+    """The three ways a SpQRLinear computes: its forward (C kernels), the registered op, the reference path."""
+
+    def reference(x):
+        layer.use_reference = True
+        try:
+            return layer(x)
+        finally:
+            layer.use_reference = False
+
+    return {"module": layer, "op": lambda x: kernels.linear(layer.spec, layer._buffers, x) + layer.bias,
+            "reference": reference}
+
+
+@pytest.mark.parametrize("perm,qq_bits", [(True, 3), (False, None)])
+def test_gradients_flow_to_the_input_as_through_the_decoded_weight(perm, qq_bits):
+    """So a quantized model can be fine-tuned through (adapters on top, as QLoRA does) or differentiated for
+    attribution: d(x Wᵀ + b)/dx = grad·W with W decoded exactly; the packed weights get no gradient."""
+    layer = SpQRLinear.from_packed(random_packed_layer(64, 48, perm=perm, qq_bits=qq_bits, bias=True, seed=3))
+    weight = layer.dequantize()
+    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1))
+    expected_x = x.clone().requires_grad_()
+    (F.linear(expected_x, weight, layer.bias) * upstream).sum().backward()
+    for name, path in _paths(layer).items():
+        x_grad = x.clone().requires_grad_()
+        y = path(x_grad)
+        assert y.grad_fn is not None, name
+        (y * upstream).sum().backward()
+        torch.testing.assert_close(x_grad.grad, expected_x.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert all(not t.requires_grad and t.grad is None for t in layer.packed_tensors().values())
+    with torch.no_grad():  # no graph when none is asked for: the C kernels directly
+        assert layer(x.clone().requires_grad_()).grad_fn is None
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (torch.ones(3, 48, dtype=torch.long), TypeError, "floating-point input, got torch.int64"),
+    (torch.ones(3, 48, dtype=torch.bool), TypeError, "floating-point input, got torch.bool"),
+    (torch.randn(3, 47), ValueError, r"shape \(3, 47\); the layer expects \[\.\.\., 48\]"),
+    (torch.randn(3, 47).double(), ValueError, "the layer expects"),
+    (torch.tensor(1.0), ValueError, r"shape \(\); the layer expects"),
+])
+def test_inputs_the_layer_cannot_take_are_refused_on_every_path(bad, error, message):
+    """An integer input was silently computed and truncated back to integers; a scalar failed with an IndexError."""
+    layer = SpQRLinear.from_packed(random_packed_layer(64, 48, bias=True, seed=4))
+    for path in _paths(layer).values():
+        with pytest.raises(error, match=message):
+            path(bad)

@@ -72,6 +72,14 @@ class LayerSpec:
         if problems:
             raise ValueError(f"invalid layer spec fields {problems}: {self}")
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse an input x [..., in_features] that the layer cannot take (integer dtype, wrong last dimension)
+        with a message naming the problem, before any kernel sees it."""
+        if not x.is_floating_point():
+            raise TypeError(f"a quantized layer takes floating-point input, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}; the layer expects [..., {self.in_features}]")
+
     @property
     def n_groups(self) -> int:
         return -(-self.in_features // self.beta1)

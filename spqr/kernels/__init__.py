@@ -32,6 +32,7 @@ def stat_names(spec: LayerSpec) -> tuple[str, ...]:
 
 def reference_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] in x's dtype via the exact decoded W (bias not added)."""
+    spec.check_input(x)
     return F.linear(x, dequantize_layer(spec, t).to(device=x.device, dtype=x.dtype))
 
 
@@ -42,7 +43,11 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
     kernels = kernels or cpu.load()
     if kernels is None or not spec.kernel_friendly:
         return reference_linear(spec, t, x)
-    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    if x.dtype == torch.float32 and x.is_contiguous():
+        x32 = x  # checked by kernels.matmul
+    else:
+        spec.check_input(x)  # before an integer x is converted
+        x32 = x.to(torch.float32).contiguous()
     y = kernels.matmul(spec, t, x32, cache=cache)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -66,6 +71,7 @@ def _triton_available() -> bool:
 
 def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [..., in] (CUDA) -> [..., out] through the Triton kernels (spqr.kernels.gpu), else the reference path."""
+    spec.check_input(x)
     if not _triton_available():
         return reference_linear(spec, t, x)
     from spqr.kernels import gpu
@@ -73,9 +79,10 @@ def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) ->
     return gpu.triton_linear(spec, t, x) if spec.kernel_friendly else reference_linear(spec, t, x)
 
 
-def _unpack_args(x: torch.Tensor, qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,
+def _unpack_args(qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,
                  row_ptr: torch.Tensor, outlier_col: torch.Tensor, outlier_val: torch.Tensor,
                  shape: list[int]) -> tuple[LayerSpec, dict[str, torch.Tensor]]:
+    """The ops' arguments back to (spec, the layer's named tensors)."""
     spec = _spec(*shape, perm is not None, "float32" if stats[0].dtype == torch.float32 else "float16")
     t = dict(zip(stat_names(spec), stats), qweight=qweight, outlier_row_ptr=row_ptr, outlier_col=outlier_col,
              outlier_val=outlier_val)
@@ -90,18 +97,27 @@ _LIBRARY.define("linear(Tensor x, Tensor qweight, Tensor[] stats, Tensor? perm, 
 
 
 def _linear_cpu(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
-    return cpu_linear(*_unpack_args(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), x)
+    return cpu_linear(*_unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), x)
 
 
 def _linear_reference(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
-    return reference_linear(*_unpack_args(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), x)
+    return reference_linear(*_unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), x)
 
 
 def _linear_cuda(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
-    spec, t = _unpack_args(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape)
+    spec, t = _unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape)
     return cuda_linear(spec, t, x)
 
 
+_LIBRARY.define("dequantize(Tensor qweight, Tensor[] stats, Tensor? perm, Tensor row_ptr, Tensor outlier_col, "
+                "Tensor outlier_val, int[] shape) -> Tensor")
+
+
+def _dequantize(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
+    return dequantize_layer(*_unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape))
+
+
+_LIBRARY.impl("dequantize", _dequantize, "CompositeExplicitAutograd")
 _LIBRARY.impl("linear", _linear_cpu, "CPU")
 _LIBRARY.impl("linear", _linear_cuda, "CUDA")
 _LIBRARY.impl("linear", _linear_reference, "CompositeExplicitAutograd")  # any other device
@@ -110,6 +126,31 @@ _LIBRARY.impl("linear", _linear_reference, "CompositeExplicitAutograd")  # any o
 @torch.library.register_fake("spqr::linear")
 def _(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
     return x.new_empty((*x.shape[:-1], shape[1]))
+
+
+@torch.library.register_fake("spqr::dequantize")
+def _(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
+    return qweight.new_empty((shape[1], shape[0]), dtype=torch.float32)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    _, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape = inputs
+    ctx.n_stats, ctx.has_perm, ctx.shape = len(stats), perm is not None, shape
+    ctx.save_for_backward(qweight, *stats, *([perm] if perm is not None else []), row_ptr, outlier_col, outlier_val)
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple:
+    """d(x Wᵀ)/dx = grad W, with W decoded exactly (one layer at a time, as the reference path does). The packed
+    weights are constants: no gradient flows to them."""
+    qweight, *rest = ctx.saved_tensors
+    stats, rest = rest[:ctx.n_stats], rest[ctx.n_stats:]
+    perm = rest.pop(0) if ctx.has_perm else None
+    weight = torch.ops.spqr.dequantize(qweight, stats, perm, *rest, ctx.shape)  # an op: opaque to torch.compile
+    grad_x = grad @ weight.to(device=grad.device, dtype=grad.dtype)
+    return grad_x, None, [None] * ctx.n_stats, None, None, None, None, None
+
+
+torch.library.register_autograd("spqr::linear", _backward, setup_context=_setup_backward)
 
 
 def linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

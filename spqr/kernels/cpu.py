@@ -118,9 +118,8 @@ class CpuKernels:
             raise ValueError(f"unknown kernel path {path!r}; expected one of {self.PATHS}")
         layer = self._layer(spec, t, cache)
         threads = torch.get_num_threads()
+        spec.check_input(x)
         k, n = spec.in_features, spec.out_features
-        if x.shape[-1] != k:
-            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {k} (x shape {tuple(x.shape)})")
         rows = x.numel() // k
         y = torch.empty(rows, n) if x.dim() == 2 else torch.empty((*x.shape[:-1], n))
         x_ptr, y_ptr = x.data_ptr(), y.data_ptr()  # row i starts 4·i·(row length) bytes further
