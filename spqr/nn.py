@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spqr import kernels
-from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows, validate_layer
 
 
 class SpQRLinear(nn.Module):
@@ -24,7 +24,10 @@ class SpQRLinear(nn.Module):
     use_reference: bool = False
 
     def __init__(self, spec: LayerSpec, tensors: dict[str, torch.Tensor]):
+        """tensors: the layer's stored tensors (spqr.format.layout), checked here (validate_layer: a bad index
+        would make the kernels read out of bounds); ValueError names the problem."""
         super().__init__()
+        validate_layer(spec, tensors, f"SpQRLinear({spec.out_features}x{spec.in_features})")
         self.spec = spec
         self.in_features = spec.in_features
         self.out_features = spec.out_features
@@ -34,6 +37,19 @@ class SpQRLinear(nn.Module):
         bias = tensors.get("bias")
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel_cache = kernels.cpu.LayerCache()  # the C kernels' view of the tensors above
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """load_state_dict copies into the packed buffers in place: check what would result first."""
+        incoming = {key: state_dict[prefix + key] for key in self.packed_tensors() if prefix + key in state_dict}
+        try:
+            if incoming:
+                validate_layer(self.spec, {**self.packed_tensors(), **incoming}, prefix.rstrip(".") or "SpQRLinear")
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         """Moves follow `fn`, casts do not: model.to(torch.bfloat16) or .half() must leave the packed
@@ -86,7 +102,7 @@ HUGE_PAGE_BYTES = 2 * 2**20
 
 class PackedArena:
     """Copies of tensors placed back to back (64-byte aligned) in one anonymous memory mapping, advised
-    (Linux) for transparent huge pages; `place` returns the copy, a view into the mapping.
+    (Linux) for transparent huge pages; `place` returns the copy, a tensor over its part of the mapping.
 
     The matrix-vector kernels stream a layer's weight words, statistics and outliers side by side; on
     4 KiB pages every few KiB of those streams costs a TLB miss. On 2 MiB pages the 3-bit 4096 x 4096
@@ -99,8 +115,7 @@ class PackedArena:
         self._mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, **private)  # the extra room aligns the start
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._mapping.madvise(mmap.MADV_HUGEPAGE)
-        self._bytes = torch.frombuffer(self._mapping, dtype=torch.uint8)
-        self._offset = -self._bytes.data_ptr() % HUGE_PAGE_BYTES
+        self._offset = -torch.frombuffer(self._mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE_BYTES
         self._end = self._offset + nbytes
 
     @staticmethod
@@ -109,10 +124,15 @@ class PackedArena:
         return -(-tensor.numel() * tensor.element_size() // 64) * 64
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` in the mapping, with a storage of its own (so torch.save, pickle and deepcopy of
+        it take its bytes only, not the whole mapping's); it keeps the mapping alive."""
         size = tensor.numel() * tensor.element_size()
         if self._offset + size > self._end:
             raise ValueError(f"the arena has {self._end - self._offset} bytes left, the tensor needs {size}")
-        placed = self._bytes[self._offset:self._offset + size].view(tensor.dtype).view(tensor.shape)
+        if size == 0:
+            return tensor.clone()
+        placed = torch.frombuffer(self._mapping, dtype=tensor.dtype, count=tensor.numel(), offset=self._offset)
+        placed = placed.view(tensor.shape)
         placed.copy_(tensor)
         self._offset += self.footprint(tensor)
         return placed

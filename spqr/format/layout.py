@@ -249,12 +249,24 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
 
 
 def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
-    """Check a layer's tensors for consistency beyond dtype and shape; raise ValueError naming the problem.
+    """Check a layer's tensors; raise ValueError naming the problem. The kernels trust what passes: a bad index
+    would make them read out of bounds.
 
-    CSR row pointers start at 0, never decrease and end at nnz; column indices are in range and
-    strictly ascending within each row; the permutation is a true permutation; stored fp16
-    statistics and outlier values are finite.
+    Every tensor of the spec is present with its dtype and shape (the bias: floating point, any precision); CSR
+    row pointers start at 0, never decrease and end at nnz; column indices are in range and strictly ascending
+    within each row; the permutation is a true permutation; stored fp16 statistics and outlier values are finite.
     """
+    for key, (shape, dtype) in spec.expected_tensors().items():
+        tensor = t.get(key)
+        if tensor is None:
+            raise ValueError(f"{name}: tensor {key} is missing")
+        if key == "bias":
+            dtype = tensor.dtype if tensor.is_floating_point() else dtype
+        if tensor.dtype != dtype or (tuple(tensor.shape) != shape if shape else tensor.dim() != 1):
+            raise ValueError(f"{name}: tensor {key} has dtype {tensor.dtype} and shape {tuple(tensor.shape)}, "
+                             f"expected {dtype} and {shape or '1-D'}")
+    if any(tensor.device.type == "meta" for tensor in t.values()):
+        return  # placeholders (a model built before its weights are loaded): no values to check yet
     nnz = t["outlier_val"].numel()
     if t["outlier_col"].numel() != nnz:
         raise ValueError(f"{name}: {t['outlier_col'].numel()} outlier columns but {nnz} outlier values")
