@@ -156,6 +156,9 @@ class CalibrationConfig:
         return asdict(self)
 
 
+FP32_TINY, FP32_MAX = 2.0**-126, float.fromhex("0x1.fffffep+127")  # the smallest normal and the largest fp32 numbers
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How generation picks each next token from the model's logits.
@@ -179,16 +182,19 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-               and self.temperature >= 0, f"temperature must be a finite number >= 0, got {self.temperature!r}")
+               and (self.temperature == 0 or FP32_TINY <= self.temperature <= FP32_MAX),
+               f"temperature must be 0 (greedy) or a number in [{FP32_TINY:.3g}, {FP32_MAX:.3g}] (what fp32 logits "
+               f"can be divided by), got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0,
                f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
                f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        _check(isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-               and self.repetition_penalty > 0,
-               f"repetition_penalty must be a finite number > 0 (1.0: off), got {self.repetition_penalty!r}")
+        _check(isinstance(self.repetition_penalty, (int, float))
+               and FP32_TINY <= self.repetition_penalty <= FP32_MAX,
+               f"repetition_penalty must be a number in [{FP32_TINY:.3g}, {FP32_MAX:.3g}] (1.0: off), "
+               f"got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:

@@ -104,8 +104,12 @@ def _last_logits_only(model: nn.Module) -> dict[str, int]:
 def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The distribution a sampled token is drawn from: logits [..., V] -> probabilities [..., V] (fp32) of
     softmax(logits / temperature), zero outside the top_k most likely tokens and outside the smallest set
-    of most likely tokens whose probability reaches top_p, renormalized. Needs temperature > 0."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    of most likely tokens whose probability reaches top_p, renormalized. Needs temperature > 0.
+
+    The logits are shifted by their maximum before the division, so a tiny temperature gives 0 and -inf (the
+    argmax, ties shared), not inf - inf."""
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / sampling.temperature, dim=-1)
     if sampling.top_k or sampling.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # stable: ties keep the lower id
         keep = torch.ones_like(sorted_probs, dtype=torch.bool)
@@ -128,8 +132,9 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
                 seen: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's next token id [B] (int64) from the last position's logits [B, V]: argmax when greedy, else one
     draw per row (generator); seen [B, V] (bool): the tokens that sampling.repetition_penalty applies to."""
-    if torch.isnan(logits).any():
-        raise GenerationError("the model produced NaN logits (are its weights and inputs finite?)")
+    if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all(-1).any():
+        raise GenerationError("the model produced NaN or +inf logits, or -inf for every token (are its weights and "
+                              "inputs finite?)")
     if seen is not None and sampling.repetition_penalty != 1:
         logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
@@ -148,8 +153,10 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a spqr.SamplingConfig, got {type(sampling).__name__}")
     check_token_ids(input_ids, getattr(model.config, "vocab_size", None), "input_ids")
     generator = None if sampling.greedy else torch.Generator(input_ids.device).manual_seed(sampling.seed)
     padding = {}
@@ -193,28 +200,31 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True,
-             on_token: Callable[[int], None] | None = None, sampling: SamplingConfig = GREEDY) -> GenerationResult:
-    """Up to max_new_tokens after input_ids [1, T] (int64), greedy or sampled as `sampling` says (seeded: the
-    same inputs and seed give the same tokens); calls on_token per token."""
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be token ids of shape [1, T] with T >= 1, got {tuple(input_ids.shape)} of "
-                         f"{input_ids.dtype}")
-    tokens, prefill, decode = _run(model, input_ids, None, max_new_tokens, _eos_ids(model, stop_at_eos), sampling,
-                                   on_token)
+             on_token: Callable[[int], None] | None = None,
+             sampling: SamplingConfig | None = GREEDY) -> GenerationResult:
+    """Up to max_new_tokens after input_ids [1, T] (integer ids), greedy (sampling None or the default) or sampled
+    as `sampling` says (seeded: the same inputs and seed give the same tokens); calls on_token per token."""
+    if (not isinstance(input_ids, torch.Tensor) or not _is_integer(input_ids) or input_ids.ndim != 2
+            or input_ids.shape[0] != 1 or input_ids.shape[1] == 0):
+        raise ValueError(f"input_ids must be a tensor of integer token ids of shape [1, T] with T >= 1, got "
+                         f"{_describe(input_ids)}")
+    tokens, prefill, decode = _run(model, input_ids.long(), None, max_new_tokens, _eos_ids(model, stop_at_eos),
+                                   GREEDY if sampling is None else sampling, on_token)
     return GenerationResult(int(input_ids.shape[1]), tokens[0], prefill, decode)
 
 
 @torch.inference_mode()
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
-                   stop_at_eos: bool = True, sampling: SamplingConfig = GREEDY) -> BatchGenerationResult:
-    """Up to max_new_tokens after each prompt (token ids, any lengths), all prompts decoded side by side.
+                   stop_at_eos: bool = True, sampling: SamplingConfig | None = GREEDY) -> BatchGenerationResult:
+    """Up to max_new_tokens after each prompt (1-D token ids, as lists or tensors, any lengths; or a 2-D tensor, one
+    prompt per row), all prompts decoded side by side.
 
     Greedy, each prompt gets the tokens it gets alone (up to the rounding of the padded attention, which
     can flip a near tie). Sampled, the draws come from one seeded generator in row order, so the tokens
     are reproducible for the same batch but depend on its composition."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_batch needs at least one prompt, and every prompt at least one token")
-    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1).cpu() for p in prompts]
+    rows = [_prompt_row(p, i) for i, p in enumerate(prompts)]  # a 2-D tensor: one prompt per row
+    if not rows:
+        raise ValueError("generate_batch needs at least one prompt")
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # left padding: every row ends at its last token
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -223,8 +233,33 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
         attention_mask[i, width - len(r):] = 1
     device = next(itertools.chain(model.parameters(), model.buffers()), input_ids).device  # the model's
     tokens, prefill, decode = _run(model, input_ids.to(device), attention_mask.to(device), max_new_tokens,
-                                   _eos_ids(model, stop_at_eos), sampling, None)
+                                   _eos_ids(model, stop_at_eos), GREEDY if sampling is None else sampling, None)
     return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
+
+
+def _is_integer(ids: torch.Tensor) -> bool:
+    return not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} of {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _prompt_row(prompt: Sequence[int] | torch.Tensor, index: int) -> torch.Tensor:
+    """One prompt of generate_batch as int64 ids [T] (CPU); ValueError naming the prompt if it is not 1-D integer
+    token ids with at least one token (a string: tokenize it first)."""
+    ids = prompt if isinstance(prompt, torch.Tensor) else None
+    if ids is None and not isinstance(prompt, str):
+        try:
+            ids = torch.as_tensor(prompt)
+        except (TypeError, ValueError, RuntimeError):  # ragged nesting, objects that are not numbers
+            pass
+    if ids is None or not _is_integer(ids) or ids.ndim != 1 or len(ids) == 0:
+        raise ValueError(f"prompt {index} must be 1-D integer token ids with at least one token (tokenize text "
+                         f"first), got {_describe(ids if ids is not None else prompt)}")
+    return ids.long().cpu()
 
 
 def use_reference(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -110,7 +110,8 @@ def test_configs_are_frozen():
                                            ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5),
                                            ("top_p", math.nan), ("seed", -1), ("seed", 2**63),
                                            ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-                                           ("repetition_penalty", math.inf)])
+                                           ("repetition_penalty", math.inf), ("repetition_penalty", 1e-300),
+                                           ("temperature", 1e-40), ("temperature", 1e39), ("repetition_penalty", 1e39)])
 def test_sampling_config_validation(option, value):
     with pytest.raises(ConfigError, match=option):
         SamplingConfig(**{option: value})

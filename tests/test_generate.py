@@ -4,6 +4,7 @@ generate/bench CLI."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,12 +81,17 @@ def test_generate_stops_at_eos_and_streams():
     result = generate(Tiny(), torch.tensor([[1, 1]]), 10, on_token=seen.append)
     assert result.tokens == seen == [2]
     assert len(generate(Tiny(), torch.tensor([[1]]), 4, stop_at_eos=False).tokens) == 4
-    with pytest.raises(ValueError, match="input_ids must be token ids of shape"):
-        generate(Tiny(), torch.tensor([1, 2]), 3)
-    with pytest.raises(ValueError, match="input_ids must be token ids of shape"):
-        generate(Tiny(), torch.tensor([[1.0, 2.0]]), 3)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(Tiny(), torch.tensor([[1]]), 0)
+    assert generate(Tiny(), torch.tensor([[1]], dtype=torch.uint8), 2).tokens == [2]  # any integer dtype
+    assert generate(Tiny(), torch.tensor([[1]]), 2, sampling=None).tokens == [2]  # None: greedy
+    for bad in (torch.tensor([1, 2]), torch.tensor([[1.0, 2.0]]), torch.tensor([[True]]), torch.tensor([[1j]]),
+                [[1, 2]], torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="input_ids must be a tensor of integer token ids of shape"):
+            generate(Tiny(), bad, 3)
+    for bad in (0, -1, 2.5, "2", None, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            generate(Tiny(), torch.tensor([[1]]), bad)
+    with pytest.raises(TypeError, match="sampling must be a spqr.SamplingConfig, got dict"):
+        generate(Tiny(), torch.tensor([[1]]), 2, sampling={})
 
 
 class FixedLogits(torch.nn.Module):
@@ -162,12 +168,26 @@ def test_repetition_penalty():
     assert generate(model, torch.tensor([[3]]), 4, sampling=sampled).tokens == [0, 1, 2, 0]
 
 
-def test_generate_refuses_nan_logits():
+@pytest.mark.parametrize("bad", [{3: math.nan}, {3: math.inf}, dict.fromkeys(range(8), -math.inf)])
+def test_generate_refuses_logits_no_token_can_be_drawn_from(bad):
+    """NaN or +inf logits, or -inf for every token: argmax or multinomial would return garbage or fail deep inside."""
     logits = torch.zeros(8)
-    logits[3] = float("nan")
+    for token, value in bad.items():
+        logits[token] = value
     for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0)):
-        with pytest.raises(GenerationError, match="NaN logits"):
+        with pytest.raises(GenerationError, match="NaN or \\+inf logits, or -inf for every token"):
             generate(FixedLogits(logits), torch.tensor([[1]]), 3, sampling=sampling)
+
+
+def test_the_smallest_temperature_samples_the_argmax():
+    """Logits divided by a tiny temperature overflowed (inf - inf = NaN in the softmax): they are shifted first."""
+    logits = torch.tensor([1.0, 3.0, -math.inf, 2.0, 3.0 - 2**-20])
+    probs = sampling_probabilities(logits, SamplingConfig(temperature=2.0**-126))
+    assert probs.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+    tied = sampling_probabilities(torch.tensor([3.0, 1.0, 3.0]), SamplingConfig(temperature=2.0**-126))
+    assert tied.tolist() == [0.5, 0.0, 0.5]
+    assert generate(FixedLogits(logits), torch.tensor([[1]]), 3, sampling=SamplingConfig(temperature=1e-30)).tokens \
+        == [1, 1, 1]
 
 
 def test_sampling_probabilities_per_row():
@@ -219,8 +239,14 @@ def test_batch_rows_stop_at_their_own_eos():
     result = generate_batch(Counter(), [[1, 2], [4], [7, 7, 5]], 5)
     assert result.tokens == [[3, 4, 5, 6], [5, 6], [6]]
     assert generate_batch(Counter(), [[1, 2], [4]], 5, stop_at_eos=False).tokens == [[3, 4, 5, 6, 7], [5, 6, 7, 0, 1]]
-    with pytest.raises(ValueError, match="at least one token"):
-        generate_batch(Counter(), [[1], []], 3)
+    assert generate_batch(Counter(), torch.tensor([[1, 2], [3, 4]]), 2).tokens == [[3, 4], [5, 6]]  # one per row
+    from_iterator = generate_batch(Counter(), iter([[1, 2], [4]]), 2).tokens
+    assert generate_batch(Counter(), ([1, 2], [4]), 2).tokens == from_iterator == [[3, 4], [5, 6]]
+    for bad, index, got in (([[1], []], 1, r"shape \(0,\)"), ([[1.7, 2.2]], 0, "torch.float32"),
+                            ([torch.tensor([[1, 2], [3, 4]])], 0, r"shape \(2, 2\)"), (["hello"], 0, "a str"),
+                            ([[1], [[2], [3, 4]]], 1, "a list"), ([torch.tensor([True])], 0, "torch.bool")):
+        with pytest.raises(ValueError, match=rf"prompt {index} must be 1-D integer token ids .*got .*{got}"):
+            generate_batch(Counter(), bad, 3)
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_batch(Counter(), [], 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
