@@ -317,7 +317,21 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+def _save_pretrained_refused(*args, **kwargs) -> None:
+    raise ValueError("a model with SpQR layers is saved with spqr.save_quantized(model, DIR, recipe) (CLI: "
+                     "spqr quantize -o DIR); save_pretrained would write a checkpoint that loads as random weights")
+
+
+def refuse_save_pretrained(model: nn.Module) -> None:
+    """Make the model's save_pretrained raise a clear error: it would write the packed tensors without the
+    quantization config that describes them, a directory that transformers loads as a randomly initialized
+    model (with only a load report) and spqr refuses. spqr.save_quantized writes the checkpoint. (A module-level
+    function, so the model still pickles.)"""
+    model.save_pretrained = _save_pretrained_refused
+
+
+def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
+                   ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
 
     dtype: cast the unquantized tensors (embeddings, norms, lm_head, biases) to it, e.g. bfloat16 to
@@ -326,9 +340,18 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"load_quantized takes a checkpoint directory path, got {type(path).__name__}")
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; load_quantized takes the checkpoint directory that holds it")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (or its name, e.g. 'bfloat16') or None, "
+                         f"got {dtype!r}")
     raw = read_config(path)
     qc = read_quantization_config(raw, path)
     modules = qc.get("modules")
@@ -391,5 +414,6 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
     if still_empty:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
     model.eval()
+    refuse_save_pretrained(model)
     release_freed_memory()  # the file's tensors, copied out and freed: 0-4 MiB of SmolLM2's ~80 otherwise
     return model

@@ -32,6 +32,7 @@ from spqr.hf import (
     find_decoder_blocks,
     materialize,
     module_name,
+    refuse_save_pretrained,
     release_freed_memory,
     set_submodule,
 )
@@ -494,6 +495,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         model.config.get_text_config().tie_word_embeddings = False  # the same object for text-only models
     if quantize_embeddings:
         attach_quantized_embeddings(model, {embeddings_name: head_name}, dense_dtype)
+    refuse_save_pretrained(model)
     report.seconds_total = time.perf_counter() - total_start
     return report
 

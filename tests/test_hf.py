@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import pickle
 import shutil
 
 import pytest
@@ -320,6 +321,30 @@ def test_missing_files(ckpt_copy, tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_quantized(ckpt_copy)
     assert not is_quantized_checkpoint(ckpt_copy)
+
+
+def test_bad_load_arguments_are_named(quantized_llama):
+    ckpt = quantized_llama[2]
+    with pytest.raises(CheckpointError, match="model.safetensors is a file; load_quantized takes the checkpoint "
+                                              "directory"):
+        load_quantized(ckpt / "model.safetensors")
+    with pytest.raises(TypeError, match="takes a checkpoint directory path, got NoneType"):
+        load_quantized(None)
+    for dtype in ("fp33", torch.int32, "Tensor"):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            load_quantized(ckpt, dtype=dtype)
+    assert load_quantized(ckpt, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16  # a dtype's name
+
+
+def test_save_pretrained_of_a_quantized_model_is_refused(quantized_llama, tmp_path):
+    """It wrote the packed tensors without their quantization config: transformers loaded the directory as a
+    randomly initialized model, with only a load report."""
+    _, quantized, ckpt = quantized_llama
+    for model in (quantized, load_quantized(ckpt)):
+        with pytest.raises(ValueError, match=r"saved with spqr.save_quantized\(model, DIR, recipe\)"):
+            model.save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        assert torch.equal(pickle.loads(pickle.dumps(model))(IDS).logits, model(IDS).logits)  # still pickles
 
 
 def test_set_submodule_and_block_linears():
