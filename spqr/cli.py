@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -63,11 +64,38 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+def _json_safe(value: object) -> object:
+    """NaN and infinities (e.g. decode tokens/s when only one token was generated) as null: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse a --json path that cannot be written before any work is done (it was found out only after it)."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a directory; give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--json {path}: cannot create its directory ({e.strerror})") from e
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--json {path} is not writable")
+
+
 def _write_json(data: dict, path: str | None) -> None:
-    text = json.dumps(data, indent=2)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous file
         log.info("wrote %s", path)
 
 
@@ -281,6 +309,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             raise ConfigError(f"{option} must be >= 1, got {min(values)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    if args.model:  # loaded first: a bad path or prompt is reported before minutes of kernel timings
+        model, tokenizer = load_model(args.model)
+        model = model.to(args.device)
+        ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
     if args.device == "cuda":
         name = f"Triton on {torch.cuda.get_device_name()}"
     else:
@@ -302,9 +334,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             print(f"{out}x{inp} rows={rows}: spqr {r['spqr_ms']:.3f} ms "
                   f"({r['spqr_packed_gbs']:.1f} GB/s of packed weights); {base}")
     if args.model:
-        model, tokenizer = load_model(args.model)
-        model = model.to(args.device)
-        ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
         if args.batch == 1:
             result = generate(model, ids, args.tokens, stop_at_eos=False)
         else:  # the prompt decoded args.batch times side by side
@@ -453,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
     try:
+        _check_json_path(getattr(args, "json", None))
         args.func(args)
     except USER_ERRORS as e:
         print(f"spqr {args.command}: error: {e}", file=sys.stderr)

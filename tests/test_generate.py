@@ -348,6 +348,32 @@ def test_cli_bench_generation(quantized_llama, tmp_path, capsys):
         assert generation["decode_tokens_per_second"] > 0
     assert generation["tokens"][0] == generation["tokens"][2]  # the same prompt three times
     assert "batch of 3" in capsys.readouterr().out
+    # one token: no decode step, so no decode speed: null, not NaN (which is not JSON)
+    assert main(["bench", "--shapes", "16x32", "--rows", "1", "--repeats", "1", "--model", str(checkpoint),
+                 "--tokens", "1", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["generation"]["decode_tokens_per_second"] is None
+
+
+def test_cli_refuses_bad_bench_model_and_json_paths_before_any_work(quantized_llama, tmp_path, capsys, monkeypatch):
+    """They were found out only after the kernel timings (minutes at the default shapes) or after generating."""
+    import spqr.bench
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the kernels were timed before the options were checked")
+
+    monkeypatch.setattr(spqr.bench, "bench_linear_shape", no_timing)
+    _, _, checkpoint = quantized_llama
+    for argv, message in (
+            (["bench", "--model", str(tmp_path / "nothing")], "does not exist"),
+            (["bench", "--model", str(checkpoint), "--prompt", ""], "has no tokens"),
+            (["bench", "--json", str(tmp_path)], "is a directory"),
+            (["generate", str(checkpoint), "--prompt", "Hi", "--json", str(tmp_path)], "is a directory"),
+            (["generate", str(checkpoint), "--prompt", "Hi", "--json", str(checkpoint / "config.json" / "x.json")],
+             "cannot create its directory")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_load_with_bfloat16_unquantized_parts(quantized_llama):
