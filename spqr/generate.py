@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from spqr.config import SamplingConfig
 from spqr.data import check_token_ids
 from spqr.nn import SpQRLinear
 
+log = logging.getLogger(__name__)
 GREEDY = SamplingConfig()
 
 
@@ -158,6 +160,10 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a spqr.SamplingConfig, got {type(sampling).__name__}")
     check_token_ids(input_ids, getattr(model.config, "vocab_size", None), "input_ids")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
+        log.warning("spqr: %d prompt tokens + %d new tokens exceed the model's context of %d positions: the tokens "
+                    "past it are unlikely to make sense", input_ids.shape[1], max_new_tokens, context)
     generator = None if sampling.greedy else torch.Generator(input_ids.device).manual_seed(sampling.seed)
     padding = {}
     if attention_mask is not None:  # positions count each row's own tokens only

@@ -405,3 +405,14 @@ def test_dtype_casts_leave_packed_tensors_alone(quantized_llama):
     assert all(torch.equal(before[k], layer.packed_tensors()[k]) for k in before)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_generating_past_the_context_warns(caplog):
+    model = FixedLogits(torch.tensor([0.0, 1.0]))
+    model.config = type("C", (), {"eos_token_id": None, "max_position_embeddings": 8})()
+    with caplog.at_level("WARNING", logger="spqr.generate"):
+        generate(model, torch.tensor([[0, 1, 0]]), 5)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="spqr.generate"):
+        generate_batch(model, [[0, 1, 0], [1]], 6)
+    assert "3 prompt tokens + 6 new tokens exceed the model's context of 8 positions" in caplog.text
