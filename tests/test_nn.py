@@ -127,6 +127,7 @@ def test_gradients_flow_to_the_input_as_through_the_decoded_weight(perm, qq_bits
 @pytest.mark.parametrize("bad,error,message", [
     (torch.ones(3, 48, dtype=torch.long), TypeError, "floating-point input, got torch.int64"),
     (torch.ones(3, 48, dtype=torch.bool), TypeError, "floating-point input, got torch.bool"),
+    (torch.randn(3, 48).to_sparse(), TypeError, r"dense floating-point input, got torch.float32 \(torch.sparse_coo\)"),
     (torch.randn(3, 47), ValueError, r"shape \(3, 47\); the layer expects \[\.\.\., 48\]"),
     (torch.randn(3, 47).double(), ValueError, "the layer expects"),
     (torch.tensor(1.0), ValueError, r"shape \(\); the layer expects"),

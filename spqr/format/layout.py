@@ -75,8 +75,8 @@ class LayerSpec:
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse an input x [..., in_features] that the layer cannot take (integer dtype, wrong last dimension)
         with a message naming the problem, before any kernel sees it."""
-        if not x.is_floating_point():
-            raise TypeError(f"a quantized layer takes floating-point input, got {x.dtype}")
+        if not x.is_floating_point() or x.layout != torch.strided:
+            raise TypeError(f"a quantized layer takes dense floating-point input, got {x.dtype} ({x.layout})")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input has shape {tuple(x.shape)}; the layer expects [..., {self.in_features}]")
 
