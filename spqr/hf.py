@@ -93,24 +93,36 @@ class ShardedWeights:
     on demand, so that a model can be processed one decoder block at a time."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
 
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: directory / file for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelLoadError(f"{index} is not a safetensors index (a 'weight_map' of tensor names to "
+                                     f"files): {type(e).__name__}: {e}") from e
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise ModelLoadError(f"{index} names the shard {file.name}, which does not exist")
+                with _check_safetensors(file):
+                    pass
         elif (directory / "model.safetensors").is_file():
-            with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            with _check_safetensors(directory / "model.safetensors") as f:
                 self.files = {name: directory / "model.safetensors" for name in f.keys()}
         else:
             raise ModelLoadError(f"{directory} has no safetensors weights (model.safetensors or an index)")
+
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        """(file name, size, modification time in ns) of every weights file: a resumed run must not mix blocks
+        quantized from other weights."""
+        return [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in sorted(set(self.files.values()))]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -118,10 +130,23 @@ class ShardedWeights:
         out = {}
         with deferred_interrupt():
             for file, file_names in by_file.items():
-                with safe_open(str(file), "pt") as f:
+                with _check_safetensors(file) as f:
                     for name in file_names:
-                        out[name] = f.get_tensor(name)
+                        try:
+                            out[name] = f.get_tensor(name)
+                        except Exception as e:  # safetensors raises its own error types
+                            raise ModelLoadError(f"{file}: cannot read tensor {name}: {e}") from e
         return out
+
+
+def _check_safetensors(file: Path):
+    """safe_open(file), or a ModelLoadError naming the file when it is not a readable safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), "pt")
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise ModelLoadError(f"{file} is not a readable safetensors file (truncated or damaged?): {e}") from e
 
 
 def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: torch.dtype,
@@ -130,12 +155,15 @@ def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: 
     except those under `exclude`; floating-point tensors are cast to dtype."""
     names = [n for n, t in module.state_dict(keep_vars=True).items()
              if t.device.type == "meta" and not (exclude and n.startswith(exclude + "."))]
-    present = [n for n in names if prefix + n in weights]
+    present = [n for n in names if prefix + n in weights]  # the caller checks what stays on the meta device
     tensors = weights.load([prefix + n for n in present])
     # Copies, not views: safetensors returns views of a memory-mapped shard, and one surviving view
     # (a norm weight) would keep the whole mapping, with every page written since, resident.
-    module.load_state_dict({n: tensors[prefix + n].to(dtype, copy=True) if tensors[prefix + n].is_floating_point()
-                            else tensors[prefix + n].clone() for n in present}, strict=False, assign=True)
+    try:
+        module.load_state_dict({n: tensors[prefix + n].to(dtype, copy=True) if tensors[prefix + n].is_floating_point()
+                                else tensors[prefix + n].clone() for n in present}, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise ModelLoadError(f"the model's weights do not fit its config.json: {e}") from e
 
 
 def has_safetensors_weights(path: str | Path) -> bool:

@@ -26,6 +26,7 @@ from spqr.data import DataError, calibration_windows, check_token_ids, load_text
 from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
+    ModelLoadError,
     ShardedWeights,
     attach_quantized_embeddings,
     block_linears,
@@ -374,16 +375,26 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
 
     def load_block(index: int) -> None:
         if block_weights is not None:
-            materialize(blocks[index], f"{blocks_name}.{index}.", block_weights, dense_dtype)
+            prefix = f"{blocks_name}.{index}."
+            materialize(blocks[index], prefix, block_weights, dense_dtype)
+            missing = [prefix + n for n, t in blocks[index].state_dict(keep_vars=True).items()
+                       if t.device.type == "meta"]
+            if missing:
+                raise ModelLoadError(f"tensors missing from the model's weights: {missing[:5]}")
 
     load_block(0)
     store, first_block = None, 0
     if progress_dir is not None:
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
         # the packed format version too: a block saved in another layout must not be read as this one
+        # the weights: their files' size and time where blocks are read from files, else a sum per tensor (in
+        # memory): resumed blocks must come from the same weights (checked before: only the first Linear's)
+        weights_id = block_weights.fingerprint() if block_weights is not None else [
+            (name, float(p.double().sum())) for name, p in model.state_dict().items()
+            if p.device.type != "meta" and p.is_floating_point()]
         fingerprint = run_fingerprint(FORMAT_VERSION, config.to_dict(), skip, str(forward_dtype), batch_size,
                                       quantize_head is not False and head_config.to_dict(),
-                                      model.config.to_dict(),
+                                      model.config.to_dict(), weights_id,
                                       tensors=(first_weight,) if calibration is None else (first_weight, calibration))
         store = ProgressStore(progress_dir, fingerprint)
         first_block = store.next_block()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from spqr.config import QuantConfig
-from spqr.hf import load_model_lazy, save_quantized
+from spqr.hf import ModelLoadError, load_model_lazy, save_quantized
 from spqr.pipeline import quantize
 from tests.helpers import make_model, random_windows
 
@@ -65,3 +67,46 @@ def test_lazy_single_file_and_resume(tmp_path, tokenizer):
     assert _sha(tmp_path / "second") == _sha(tmp_path / "first")
     assert torch.equal(model.model.layers[1].input_layernorm.weight,
                        make_model("llama").model.layers[1].input_layernorm.weight)
+
+
+def test_progress_from_other_weights_is_not_resumed(tmp_path, tokenizer):
+    """Blocks quantized from weights that changed since (a weight of block 1, not the first Linear the fingerprint
+    read before) were reused silently; the weights files' size and time now belong to the run's fingerprint."""
+    source = tmp_path / "source"
+    make_model("llama").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    progress = tmp_path / "progress"
+    model, _, weights = load_model_lazy(source)
+    quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress_dir=progress, progress=False)
+    edited = make_model("llama")
+    with torch.no_grad():
+        edited.model.layers[1].mlp.down_proj.weight.mul_(2)
+    edited.save_pretrained(source)
+    model, _, weights = load_model_lazy(source)
+    report = quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress_dir=progress,
+                      progress=False)
+    fresh, _, weights = load_model_lazy(source)
+    expected = quantize(fresh, random_windows(6, 16), CONFIG, block_weights=weights, progress=False)
+    assert [r.relative_error for r in report.layers] == [r.relative_error for r in expected.layers]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "is not a readable safetensors file"),
+    (lambda d: save_file({k: v for k, v in load_file(d / "model.safetensors").items()
+                          if k != "model.layers.1.mlp.up_proj.weight"}, d / "model.safetensors"),
+     r"tensors missing from the model's weights: \['model.layers.1.mlp.up_proj.weight'\]"),
+    (lambda d: save_file({**load_file(d / "model.safetensors"),
+                          "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, d / "model.safetensors"),
+     "the model's weights do not fit its config.json"),
+])
+def test_damaged_weights_are_named_during_lazy_quantization(tmp_path, tokenizer, damage, message):
+    """They were raw safetensors or torch errors (a missing tensor: 'Tensor.item() cannot be called on meta tensors',
+    after block 0 was quantized)."""
+    source = tmp_path / "source"
+    make_model("llama").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    damage(source)
+    with pytest.raises(ModelLoadError, match=message):
+        model, _, weights = load_model_lazy(source)
+        quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress=False)
