@@ -30,6 +30,16 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """An int or float that is not a bool (a string such as "0.2" from an edited config is refused here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How one weight matrix W [out_features, in_features] is quantized.
@@ -61,25 +71,28 @@ class QuantConfig:
     error_feedback: bool = True
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.wbits, int) and 2 <= self.wbits <= 8,
+        _check(_is_int(self.wbits) and 2 <= self.wbits <= 8,
                f"wbits must be an integer in 2..8, got {self.wbits!r}")
-        _check(isinstance(self.beta1, int) and 1 <= self.beta1 <= 4096,
+        _check(_is_int(self.beta1) and 1 <= self.beta1 <= 4096,
                f"beta1 (input columns per group) must be an integer in 1..4096, got {self.beta1!r}")
-        _check(isinstance(self.beta2, int) and 1 <= self.beta2 <= 4096,
+        _check(_is_int(self.beta2) and 1 <= self.beta2 <= 4096,
                f"beta2 (output rows per statistics group) must be an integer in 1..4096, got {self.beta2!r}")
-        _check(self.qq_bits is None or (isinstance(self.qq_bits, int) and 2 <= self.qq_bits <= 8),
+        _check(self.qq_bits is None or (_is_int(self.qq_bits) and 2 <= self.qq_bits <= 8),
                f"qq_bits must be an integer in 2..8 or None (fp16 statistics), got {self.qq_bits!r}")
         _check(self.stats_dtype in STATS_DTYPES, f"stats_dtype must be one of {STATS_DTYPES}, got {self.stats_dtype!r}")
         _check(self.stats_dtype == "float16" or self.qq_bits is None,
                f"stats_dtype={self.stats_dtype!r} needs qq_bits=None (quantized statistics have fp16 grids)")
-        _check(not math.isnan(self.outlier_threshold) and self.outlier_threshold > 0,
+        _check(_is_real(self.outlier_threshold) and not math.isnan(self.outlier_threshold)
+               and self.outlier_threshold > 0,
                f"outlier_threshold must be > 0 (use inf to disable outliers), got {self.outlier_threshold!r}")
         _check(self.perm in PERMUTATION_ORDERS,
                f"perm must be one of {PERMUTATION_ORDERS}, got {self.perm!r}")
-        _check(math.isfinite(self.percdamp) and self.percdamp >= 0,
+        _check(_is_real(self.percdamp) and math.isfinite(self.percdamp) and self.percdamp >= 0,
                f"percdamp must be a finite number >= 0, got {self.percdamp!r}")
-        _check(isinstance(self.blocksize, int) and self.blocksize >= 1,
+        _check(_is_int(self.blocksize) and self.blocksize >= 1,
                f"blocksize must be a positive integer, got {self.blocksize!r}")
+        _check(isinstance(self.error_feedback, bool),
+               f"error_feedback must be True or False, got {self.error_feedback!r}")
 
     @property
     def sweep_block(self) -> int:
@@ -145,11 +158,16 @@ class CalibrationConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.nsamples, int) and self.nsamples >= 1,
+        _check(isinstance(self.dataset, str) and self.dataset != "",
+               f"dataset must be a dataset name or a file path, got {self.dataset!r}")
+        _check(isinstance(self.split, str), f"split must be a split name such as 'valid', got {self.split!r}")
+        _check(_is_int(self.nsamples) and self.nsamples >= 1,
                f"nsamples must be a positive integer, got {self.nsamples!r}")
-        _check(isinstance(self.seqlen, int) and self.seqlen >= 2,
+        _check(_is_int(self.seqlen) and self.seqlen >= 2,
                f"seqlen must be an integer >= 2, got {self.seqlen!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63,
+               f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        _check(_is_int(self.batch_size) and self.batch_size >= 1,
                f"batch_size must be a positive integer, got {self.batch_size!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,17 +199,17 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+        _check(_is_real(self.temperature) and math.isfinite(self.temperature)
                and (self.temperature == 0 or FP32_TINY <= self.temperature <= FP32_MAX),
                f"temperature must be 0 (greedy) or a number in [{FP32_TINY:.3g}, {FP32_MAX:.3g}] (what fp32 logits "
                f"can be divided by), got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+        _check(_is_int(self.top_k) and self.top_k >= 0,
                f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}")
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+        _check(_is_real(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63,
                f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        _check(isinstance(self.repetition_penalty, (int, float))
+        _check(_is_real(self.repetition_penalty)
                and FP32_TINY <= self.repetition_penalty <= FP32_MAX,
                f"repetition_penalty must be a number in [{FP32_TINY:.3g}, {FP32_MAX:.3g}] (1.0: off), "
                f"got {self.repetition_penalty!r}")

@@ -20,6 +20,9 @@ from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingCon
     ("percdamp", -1.0), ("percdamp", math.inf), ("percdamp", math.nan),
     ("blocksize", 0), ("blocksize", 1.5),
     ("stats_dtype", "bfloat16"), ("stats_dtype", "float32"),  # float32 needs qq_bits=None
+    # wrong types, as an edited config.json or a script gives them (bools passed as 1, strings failed inside math)
+    ("beta1", True), ("wbits", False), ("qq_bits", True), ("outlier_threshold", "0.2"), ("outlier_threshold", None),
+    ("percdamp", "1"), ("error_feedback", "no"), ("error_feedback", 0),
 ])
 def test_out_of_range_values_name_the_option(option, value):
     with pytest.raises(ConfigError) as info:
@@ -28,7 +31,9 @@ def test_out_of_range_values_name_the_option(option, value):
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("option,value", [("nsamples", 0), ("seqlen", 1), ("batch_size", 0), ("nsamples", 2.0)])
+@pytest.mark.parametrize("option,value", [("nsamples", 0), ("seqlen", 1), ("batch_size", 0), ("nsamples", 2.0),
+                                          ("nsamples", True), ("seed", -1), ("seed", 10**23), ("seed", 1.5),
+                                          ("dataset", 123), ("dataset", ""), ("split", None)])
 def test_calibration_config_validation(option, value):
     with pytest.raises(ConfigError, match=option):
         CalibrationConfig(**{option: value})
@@ -111,7 +116,8 @@ def test_configs_are_frozen():
                                            ("top_p", math.nan), ("seed", -1), ("seed", 2**63),
                                            ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
                                            ("repetition_penalty", math.inf), ("repetition_penalty", 1e-300),
-                                           ("temperature", 1e-40), ("temperature", 1e39), ("repetition_penalty", 1e39)])
+                                           ("temperature", 1e-40), ("temperature", 1e39), ("repetition_penalty", 1e39),
+                                           ("top_k", True), ("seed", True), ("temperature", "1")])
 def test_sampling_config_validation(option, value):
     with pytest.raises(ConfigError, match=option):
         SamplingConfig(**{option: value})
