@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spqr.config import ConfigError
-from spqr.data import eval_windows
+from spqr.data import DataError, check_token_ids, eval_windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,7 +39,16 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     """
     if batch_size < 1:
         raise ConfigError(f"perplexity needs batch_size >= 1 windows per forward, got {batch_size}")
-    windows = eval_windows(ids, seqlen, max_windows)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+        raise DataError(f"perplexity takes the tokenized text as 1-D integer token ids, got "
+                        f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
+                        f"{f' of {ids.dtype}' if isinstance(ids, torch.Tensor) else ''}")
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise ConfigError(f"seqlen {seqlen} exceeds the model's context of {context} positions")
+    check_token_ids(ids, getattr(config, "vocab_size", None), "the evaluation text")
+    windows = eval_windows(ids.long(), seqlen, max_windows)
     start = time.perf_counter()
     nlls = []
     device = next(model.parameters()).device
@@ -46,4 +58,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
         for window_logits, window in zip(logits, batch):
             nlls.append(float(F.cross_entropy(window_logits[:-1].float(), window[1:])))
     mean_nll = float(torch.tensor(nlls, dtype=torch.float64).mean())
-    return PerplexityResult(math.exp(mean_nll), mean_nll, len(windows), seqlen, time.perf_counter() - start)
+    ppl = math.exp(mean_nll) if not mean_nll > 709 else math.inf  # exp overflows a float past ~709.78
+    if math.isnan(mean_nll):
+        log.warning("spqr: the model's loss is NaN on some windows (are its weights finite?): perplexity is NaN")
+    return PerplexityResult(ppl, mean_nll, len(windows), seqlen, time.perf_counter() - start)

@@ -67,3 +67,25 @@ def test_too_short_text_raises():
 def test_batch_size_below_one_is_refused(batch_size):
     with pytest.raises(ConfigError, match="batch_size >= 1"):
         perplexity(make_model("llama"), torch.arange(64) % VOCAB, 16, batch_size=batch_size, progress=False)
+
+
+def test_bad_evaluation_text_and_windows_are_refused():
+    """Ids outside the vocabulary failed in torch.embedding, 2-D ids in a reshape; windows longer than the model's
+    context were scored without a word."""
+    model = make_model("llama")
+    with pytest.raises(DataError, match=rf"token ids must be in \[0, {VOCAB}\)"):
+        perplexity(model, torch.arange(64) + VOCAB - 10, 16, progress=False)
+    for ids in (torch.zeros(4, 16, dtype=torch.long), torch.zeros(64), list(range(64))):
+        with pytest.raises(DataError, match="1-D integer token ids"):
+            perplexity(model, ids, 16, progress=False)
+    context = model.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"seqlen {context + 1} exceeds the model's context of {context}"):
+        perplexity(model, torch.arange(2 * context + 2) % VOCAB, context + 1, progress=False)
+
+
+def test_an_overflowing_loss_gives_an_infinite_perplexity():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e30)
+    result = perplexity(model, torch.arange(64) % VOCAB, 16, progress=False)
+    assert result.ppl == math.inf and result.mean_nll > 709
