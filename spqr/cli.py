@@ -130,6 +130,21 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
     return {"dataset": dataset, "split": split, **result.to_dict()}
 
 
+def _check_output_dir(out: Path, model: str | None) -> None:
+    """Refuse an -o path that cannot become the checkpoint directory, before the model is loaded and quantized (these
+    were found out at the end, some as tracebacks)."""
+    resolved = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out} is a file; give a directory path for the checkpoint")
+    parent = next((p for p in resolved.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"-o {out}: {parent} is a file, so the directory cannot be made")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or not out.name:
+        raise ConfigError(f"-o {out} is the current directory or one above it; give a new directory")
+    if model is not None and (resolved == Path(model).resolve() or resolved in Path(model).resolve().parents):
+        raise ConfigError(f"-o {out} holds the model being quantized; give another directory")
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict:
     if args.eval:
         _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen")
@@ -148,6 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed)
     out = Path(args.output)
+    _check_output_dir(out, args.model)
     progress_dir = out.parent / f".{out.name}.partial"
     if out.exists() and not args.overwrite:
         if (out / "config.json").is_file():  # a finished run killed before it removed its progress

@@ -297,8 +297,11 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 
 def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
     """Refuse calibration that is not token ids [nsamples, seqlen] of this model (it would fail deep in a forward)."""
+    if not isinstance(calibration, torch.Tensor):
+        raise DataError(f"calibration must be a tensor of token ids [nsamples, seqlen] (e.g. from calibration_data), "
+                        f"got a {type(calibration).__name__}")
     if calibration.ndim != 2 or calibration.numel() == 0 or calibration.is_floating_point() \
-            or calibration.dtype == torch.bool:
+            or calibration.dtype == torch.bool or calibration.is_complex():
         raise DataError(f"calibration must be token ids [nsamples, seqlen] (int64, e.g. from calibration_data), "
                         f"got shape {tuple(calibration.shape)} of {calibration.dtype}")
     check_token_ids(calibration, vocab, "calibration")
@@ -339,6 +342,14 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     """
     total_start = time.perf_counter()
     report = QuantizationReport()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a spqr.QuantConfig (e.g. spqr.preset('spqr')), got {type(config).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if any(isinstance(m, SpQRLinear) for m in model.modules()):
+        raise QuantizationError("the model is already quantized (it has SpQRLinear layers); quantize the original")
     blocks_name, blocks = find_decoder_blocks(model)
     linear_names = [f"{blocks_name}.{i}.{name}" for i, block in enumerate(blocks) for name in block_linears(block)]
     unmatched = [s for s in skip if not any(_skipped(name, (s,)) for name in linear_names)]
@@ -346,6 +357,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         suffix = next(iter(block_linears(blocks[0])))
         raise ConfigError(f"skip names that match no Linear of the decoder blocks: {unmatched} (give a full name "
                           f"such as {linear_names[0]!r} or a suffix such as {suffix!r})")
+    if all(_skipped(name, skip) for name in linear_names) and quantize_head is False:
+        raise ConfigError("skip names every Linear of the decoder blocks: nothing would be quantized")
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
     if calibration is not None:

@@ -228,3 +228,32 @@ def test_more_bad_inputs_exit_2(model_dirs, text_file, tmp_path, capsys, tokeniz
         err = capsys.readouterr().err
         assert "error:" in err and expected in err, (argv, err)
         assert not Path(argv[argv.index("-o") + 1]).exists()
+
+
+def test_output_paths_and_skips_that_cannot_work_are_refused_before_quantizing(model_dirs, text_file, tmp_path,
+                                                                               capsys, monkeypatch):
+    """Each was found out only after the whole model was quantized (or as a traceback), leaving .OUT.partial."""
+    import spqr.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("quantized before the options were checked")
+
+    monkeypatch.setattr(spqr.pipeline, "quantize_weights", never)
+    monkeypatch.chdir(tmp_path)
+    model = str(model_dirs["llama"])
+    (tmp_path / "afile").write_text("")
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cases = [
+        (["-o", "afile", "--overwrite"], "is a file; give a directory path"),
+        (["-o", "afile/sub"], "afile is a file, so the directory cannot be made"),
+        (["-o", ".", "--overwrite"], "is the current directory or one above it"),
+        (["-o", model, "--overwrite"], "holds the model being quantized"),
+        (["-o", "out", "--skip", *every_linear], "skip names every Linear of the decoder blocks"),
+    ]
+    for extra, expected in cases:
+        argv = ["quantize", model, "--calib", str(text_file), "--nsamples", "2", "--seqlen", "16", *extra]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no .partial directories either
+    assert (model_dirs["llama"] / "config.json").is_file()

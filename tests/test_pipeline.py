@@ -409,3 +409,23 @@ def test_quantize_embeddings_reads_the_tied_head(tmp_path):
         config_path.write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match=message):
             load_quantized(tmp_path / "q", verify_checksum=False)
+
+
+def test_quantize_names_bad_arguments_before_any_work():
+    """A dict config, a list calibration, batch_size 0 and an already quantized model failed deep inside (or with a
+    misleading 'no stack of decoder blocks'); a string skip was split into characters."""
+    windows = random_windows(2, 16)
+    with pytest.raises(TypeError, match="config must be a spqr.QuantConfig"):
+        quantize(make_model("llama"), windows, {"wbits": 3}, progress=False)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        quantize(make_model("llama"), windows, QuantConfig(), batch_size=0, progress=False)
+    with pytest.raises(DataError, match="calibration must be a tensor of token ids"):
+        quantize(make_model("llama"), windows.tolist(), QuantConfig(), progress=False)
+    model = make_model("llama")
+    report = quantize(model, windows, QuantConfig(), skip="q_proj", progress=False)  # one name, not its letters
+    assert not any(r.name.endswith("q_proj") for r in report.layers) and len(report.layers) == 12
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize(model, windows, QuantConfig(), progress=False)
+    with pytest.raises(ConfigError, match="skip names every Linear"):
+        quantize(make_model("llama"), windows, QuantConfig(), progress=False,
+                 skip=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
