@@ -307,6 +307,21 @@ def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
     check_token_ids(calibration, vocab, "calibration")
 
 
+def _warn_about_weights_outside_linears(blocks_name: str, blocks: nn.ModuleList) -> None:
+    """Only nn.Linear layers are quantized: say so when the blocks hold other weight matrices (e.g. mixture-of-experts
+    weights stored as 3-D parameters), which would otherwise stay in full precision without a word."""
+    names, count = [], 0
+    for index, block in enumerate(blocks):
+        linears = set(block_linears(block))
+        for name, parameter in block.named_parameters():
+            if parameter.dim() >= 2 and name.rpartition(".")[0] not in linears:
+                names.append(f"{blocks_name}.{index}.{name}")
+                count += parameter.numel()
+    if names:
+        log.warning("spqr: %d weights of the decoder blocks are not in nn.Linear layers and stay unquantized (%s%s): "
+                    "spqr quantizes Linear layers only", count, ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether the Linear `name` (full module name) is one of `skip`: a full name or a dotted suffix."""
     return any(name == s or name.endswith("." + s) for s in skip)
@@ -359,6 +374,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                           f"such as {linear_names[0]!r} or a suffix such as {suffix!r})")
     if all(_skipped(name, skip) for name in linear_names) and quantize_head is False:
         raise ConfigError("skip names every Linear of the decoder blocks: nothing would be quantized")
+    _warn_about_weights_outside_linears(blocks_name, blocks)
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
     if calibration is not None:

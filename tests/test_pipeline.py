@@ -15,7 +15,7 @@ from spqr.format.layout import PackedLinear
 from spqr.hf import ModelLoadError, find_decoder_blocks
 from spqr.nn import SpQRLinear
 from spqr.pipeline import QuantizationError, calibration_data, quantize
-from tests.helpers import decoder_linear_names, make_model, random_windows, ref_rtn, relative_error
+from tests.helpers import VOCAB, decoder_linear_names, make_model, random_windows, ref_rtn, relative_error
 
 SPQR4 = QuantConfig(wbits=4, outlier_threshold=0.1)
 
@@ -429,3 +429,26 @@ def test_quantize_names_bad_arguments_before_any_work():
     with pytest.raises(ConfigError, match="skip names every Linear"):
         quantize(make_model("llama"), windows, QuantConfig(), progress=False,
                  skip=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def test_weights_outside_linear_layers_are_named(caplog):
+    """A mixture-of-experts model keeps its experts as 3-D parameters, not nn.Linear: they stay in full precision,
+    which was silent."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    experts = [n for n, p in model.named_parameters() if p.dim() >= 2 and "experts" in n]
+    with caplog.at_level("WARNING", logger="spqr.pipeline"):
+        quantize(model, random_windows(2, 16), QuantConfig(), progress=False)
+    if any(p.dim() == 3 for n, p in model.named_parameters() if n in experts):  # transformers >= 5: fused experts
+        assert "weights of the decoder blocks are not in nn.Linear layers and stay unquantized" in caplog.text
+        assert experts[0] in caplog.text
+    else:  # experts as Linear layers: quantized, nothing to say
+        assert "not in nn.Linear" not in caplog.text
+    with caplog.at_level("WARNING", logger="spqr.pipeline"):
+        caplog.clear()
+        quantize(make_model("llama"), random_windows(2, 16), QuantConfig(), progress=False)
+    assert "not in nn.Linear" not in caplog.text
