@@ -289,6 +289,10 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
     modules = {name: m for name, m in model.named_modules() if isinstance(m, SpQRLinear)}
     if not modules:
         raise ValueError("the model has no SpQRLinear layers: quantize it first")
+    reserved = sorted(set(quantization_config) & {"quant_method", "format_version", "packing", "modules",
+                                                  "modules_not_converted", "quantized_embeddings", "checksums"})
+    if reserved:  # they describe the stored tensors: written here, never taken from the caller
+        raise ValueError(f"quantization_config is the recipe; {reserved} are written by save_quantized itself")
     not_converted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checksums = write_weights(tmp, unique_state_dict(model))

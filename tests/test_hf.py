@@ -374,3 +374,12 @@ def test_a_quantized_model_backpropagates_to_its_inputs():
         grads.append(x.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_the_recipe_cannot_override_the_format_fields(quantized_llama, tmp_path):
+    """{"format_version": 99} in the recipe overrode the real one: the checkpoint then failed to load."""
+    _, quantized, _ = quantized_llama
+    for key in ("format_version", "quant_method", "checksums"):
+        with pytest.raises(ValueError, match=rf"\['{key}'\] are written by save_quantized itself"):
+            save_quantized(quantized, tmp_path / "out", {key: 99})
+    assert not (tmp_path / "out").exists()
