@@ -19,11 +19,16 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
     """(header length in bytes including its 8-byte size prefix, header dict) of a safetensors file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path} is truncated: no safetensors header")
         (n,) = struct.unpack("<Q", prefix)
+        if n > path.stat().st_size - 8:  # garbage read as a length: not a safetensors file
+            raise CheckpointError(f"{path} is truncated or not a safetensors file (a header of {n} bytes is "
+                                  f"announced, the file has {path.stat().st_size})")
         raw = f.read(n)
     if len(raw) < n:
         raise CheckpointError(f"{path} is truncated inside its safetensors header")
@@ -43,8 +48,15 @@ def paper_formula_bits(wbits: int, beta1: int, beta2: int, qq_bits: int | None, 
 
 
 def checkpoint_accounting(directory: str | Path) -> dict:
-    """Bits breakdown of a checkpoint directory, per layer and in total."""
-    directory = Path(directory)
+    """Bits breakdown of a checkpoint directory, per layer and in total; CheckpointError names what is malformed."""
+    try:
+        return _accounting(Path(directory))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{directory}: config.json or the safetensors header is malformed "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def _accounting(directory: Path) -> dict:
     qc = read_quantization_config(read_config(directory), directory)
     path = directory / WEIGHTS_NAME
     header_bytes, header = read_safetensors_header(path)

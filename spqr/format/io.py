@@ -154,9 +154,12 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model directory: {CONFIG_NAME} is missing")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object of settings (it holds a {type(config).__name__})")
+    return config
 
 
 def read_quantization_config(config: dict, directory: str | os.PathLike) -> dict:

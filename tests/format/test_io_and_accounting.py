@@ -137,6 +137,9 @@ def test_read_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="JSON"):
         read_config(tmp_path)
+    (tmp_path / "config.json").write_text('[1, 2]')
+    with pytest.raises(CheckpointError, match="is not a JSON object of settings"):
+        read_config(tmp_path)
     (tmp_path / "config.json").write_text('{"a": 1}')
     assert read_config(tmp_path) == {"a": 1}
 
@@ -244,6 +247,32 @@ def test_accounting_rejects_inconsistent_files(quantized_llama, tmp_path):
     with open(dst / "model.safetensors", "ab") as f:
         f.write(b"\0" * 8)
     with pytest.raises(CheckpointError, match="file size"):
+        checkpoint_accounting(dst)
+
+
+def _edit_quantization_config(directory, edit) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    edit(config["quantization_config"])
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "truncated or not a safetensors file"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda d: _edit_quantization_config(d, lambda qc: qc.update(modules=[1, 2])), "malformed"),
+    (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).pop("in_features")),
+     "malformed .*in_features"),
+    (lambda d: _edit_quantization_config(d, lambda qc: qc.pop("wbits")), "malformed .*wbits"),
+])
+def test_accounting_names_damaged_checkpoints(quantized_llama, tmp_path, damage, message):
+    """spqr info met these with a MemoryError (garbage read as a header length), FileNotFoundError, AttributeError
+    or KeyError."""
+    import shutil
+
+    dst = tmp_path / "c"
+    shutil.copytree(quantized_llama[2], dst)
+    damage(dst)
+    with pytest.raises(CheckpointError, match=message):
         checkpoint_accounting(dst)
 
 
