@@ -67,6 +67,12 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
+def is_integer_tensor(ids: object) -> bool:
+    """A tensor that can hold token ids: any integer dtype (not bool, float or complex)."""
+    return isinstance(ids, torch.Tensor) and not (ids.is_floating_point() or ids.is_complex()
+                                                  or ids.dtype == torch.bool)
+
+
 def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
     """Refuse ids outside [0, vocab) (vocab None: only negative ones), which would fail deep in a model's embedding."""
     if ids.numel() == 0:

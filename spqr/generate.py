@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from spqr.config import SamplingConfig
-from spqr.data import check_token_ids
+from spqr.data import check_token_ids, is_integer_tensor
 from spqr.nn import SpQRLinear
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
              sampling: SamplingConfig | None = GREEDY) -> GenerationResult:
     """Up to max_new_tokens after input_ids [1, T] (integer ids), greedy (sampling None or the default) or sampled
     as `sampling` says (seeded: the same inputs and seed give the same tokens); calls on_token per token."""
-    if (not isinstance(input_ids, torch.Tensor) or not _is_integer(input_ids) or input_ids.ndim != 2
+    if (not is_integer_tensor(input_ids) or input_ids.ndim != 2
             or input_ids.shape[0] != 1 or input_ids.shape[1] == 0):
         raise ValueError(f"input_ids must be a tensor of integer token ids of shape [1, T] with T >= 1, got "
                          f"{_describe(input_ids)}")
@@ -243,10 +243,6 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
     return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
 
 
-def _is_integer(ids: torch.Tensor) -> bool:
-    return not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
-
-
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"shape {tuple(value.shape)} of {value.dtype}"
@@ -262,7 +258,7 @@ def _prompt_row(prompt: Sequence[int] | torch.Tensor, index: int) -> torch.Tenso
             ids = torch.as_tensor(prompt)
         except (TypeError, ValueError, RuntimeError):  # ragged nesting, objects that are not numbers
             pass
-    if ids is None or not _is_integer(ids) or ids.ndim != 1 or len(ids) == 0:
+    if not is_integer_tensor(ids) or ids.ndim != 1 or len(ids) == 0:
         raise ValueError(f"prompt {index} must be 1-D integer token ids with at least one token (tokenize text "
                          f"first), got {_describe(ids if ids is not None else prompt)}")
     return ids.long().cpu()

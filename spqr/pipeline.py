@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from spqr.algo.engine import HessianError, quantize_weights
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig
-from spqr.data import DataError, calibration_windows, check_token_ids, load_text, tokenize
+from spqr.data import DataError, calibration_windows, check_token_ids, is_integer_tensor, load_text, tokenize
 from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
@@ -300,8 +300,7 @@ def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
     if not isinstance(calibration, torch.Tensor):
         raise DataError(f"calibration must be a tensor of token ids [nsamples, seqlen] (e.g. from calibration_data), "
                         f"got a {type(calibration).__name__}")
-    if calibration.ndim != 2 or calibration.numel() == 0 or calibration.is_floating_point() \
-            or calibration.dtype == torch.bool or calibration.is_complex():
+    if calibration.ndim != 2 or calibration.numel() == 0 or not is_integer_tensor(calibration):
         raise DataError(f"calibration must be token ids [nsamples, seqlen] (int64, e.g. from calibration_data), "
                         f"got shape {tuple(calibration.shape)} of {calibration.dtype}")
     check_token_ids(calibration, vocab, "calibration")
