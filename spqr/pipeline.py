@@ -516,8 +516,11 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)
         release_freed_memory()  # about a block's weights per block otherwise
-        bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
-        log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
+        if config.needs_hessian:
+            bar.set_postfix(rel_err=f"{err:.4f}", outliers=f"{100 * outliers:.2f}%")
+            log.info("block %d: mean relative error %.5f, outliers %.3f%%", index, err, 100 * outliers)
+        else:  # no Hessian to weigh the error by: the report's 0.0 is not a measurement
+            log.info("block %d: quantized (no calibration: output error not measured)", index)
 
     if head is not None:
         if first_block < n_steps:
