@@ -73,6 +73,14 @@ def is_integer_tensor(ids: object) -> bool:
                                                   or ids.dtype == torch.bool)
 
 
+def describe(value: object) -> str:
+    """What an argument that should have been token ids is, for error messages: "shape (2, 3) of torch.float32"
+    or "a list"."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} of {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
 def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
     """Refuse ids outside [0, vocab) (vocab None: only negative ones), which would fail deep in a model's embedding."""
     if ids.numel() == 0:

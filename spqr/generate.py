@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from spqr.config import SamplingConfig
-from spqr.data import check_token_ids, is_integer_tensor
+from spqr.data import check_token_ids, describe, is_integer_tensor
 from spqr.nn import SpQRLinear
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
     if (not is_integer_tensor(input_ids) or input_ids.ndim != 2
             or input_ids.shape[0] != 1 or input_ids.shape[1] == 0):
         raise ValueError(f"input_ids must be a tensor of integer token ids of shape [1, T] with T >= 1, got "
-                         f"{_describe(input_ids)}")
+                         f"{describe(input_ids)}")
     tokens, prefill, decode = _run(model, input_ids.long(), None, max_new_tokens, _eos_ids(model, stop_at_eos),
                                    GREEDY if sampling is None else sampling, on_token)
     return GenerationResult(int(input_ids.shape[1]), tokens[0], prefill, decode)
@@ -243,12 +243,6 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
     return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
 
 
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"shape {tuple(value.shape)} of {value.dtype}"
-    return f"a {type(value).__name__}"
-
-
 def _prompt_row(prompt: Sequence[int] | torch.Tensor, index: int) -> torch.Tensor:
     """One prompt of generate_batch as int64 ids [T] (CPU); ValueError naming the prompt if it is not 1-D integer
     token ids with at least one token (a string: tokenize it first)."""
@@ -260,7 +254,7 @@ def _prompt_row(prompt: Sequence[int] | torch.Tensor, index: int) -> torch.Tenso
             pass
     if not is_integer_tensor(ids) or ids.ndim != 1 or len(ids) == 0:
         raise ValueError(f"prompt {index} must be 1-D integer token ids with at least one token (tokenize text "
-                         f"first), got {_describe(ids if ids is not None else prompt)}")
+                         f"first), got {describe(ids if ids is not None else prompt)}")
     return ids.long().cpu()
 
 

@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from spqr.algo.engine import HessianError, quantize_weights
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig
-from spqr.data import DataError, calibration_windows, check_token_ids, is_integer_tensor, load_text, tokenize
+from spqr.data import (
+    DataError,
+    calibration_windows,
+    check_token_ids,
+    describe,
+    is_integer_tensor,
+    load_text,
+    tokenize,
+)
 from spqr.format.io import FORMAT_VERSION
 from spqr.format.layout import PackedLinear
 from spqr.hf import (
@@ -297,12 +305,9 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
 
 def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
     """Refuse calibration that is not token ids [nsamples, seqlen] of this model (it would fail deep in a forward)."""
-    if not isinstance(calibration, torch.Tensor):
-        raise DataError(f"calibration must be a tensor of token ids [nsamples, seqlen] (e.g. from calibration_data), "
-                        f"got a {type(calibration).__name__}")
-    if calibration.ndim != 2 or calibration.numel() == 0 or not is_integer_tensor(calibration):
-        raise DataError(f"calibration must be token ids [nsamples, seqlen] (int64, e.g. from calibration_data), "
-                        f"got shape {tuple(calibration.shape)} of {calibration.dtype}")
+    if not is_integer_tensor(calibration) or calibration.ndim != 2 or calibration.numel() == 0:
+        raise DataError(f"calibration must be a tensor of token ids [nsamples, seqlen] (int64, e.g. from "
+                        f"calibration_data), got {describe(calibration)}")
     check_token_ids(calibration, vocab, "calibration")
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spqr.config import ConfigError
-from spqr.data import DataError, check_token_ids, eval_windows, is_integer_tensor
+from spqr.data import DataError, check_token_ids, describe, eval_windows, is_integer_tensor
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     if batch_size < 1:
         raise ConfigError(f"perplexity needs batch_size >= 1 windows per forward, got {batch_size}")
     if not is_integer_tensor(ids) or ids.dim() != 1:
-        raise DataError(f"perplexity takes the tokenized text as 1-D integer token ids, got "
-                        f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
-                        f"{f' of {ids.dtype}' if isinstance(ids, torch.Tensor) else ''}")
+        raise DataError(f"perplexity takes the tokenized text as 1-D integer token ids, got {describe(ids)}")
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and seqlen > context:
