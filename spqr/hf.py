@@ -424,7 +424,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
                                  f"{layer_tensors['outlier_val'].numel()}")
             if "bias" in layer_tensors:
                 layer_tensors["bias"] = layer_tensors["bias"].to(dtype, copy=True)
-            set_submodule(model, name, SpQRLinear(spec, layer_tensors))  # checks the tensors (validate_layer)
+            set_submodule(model, name, SpQRLinear(spec, layer_tensors, name))  # checks the tensors (validate_layer)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
     # copied out of the file, so that nothing keeps it mapped, into one arena (huge pages: faster matrix-vector)

@@ -23,11 +23,12 @@ class SpQRLinear(nn.Module):
 
     use_reference: bool = False
 
-    def __init__(self, spec: LayerSpec, tensors: dict[str, torch.Tensor]):
+    def __init__(self, spec: LayerSpec, tensors: dict[str, torch.Tensor], name: str | None = None):
         """tensors: the layer's stored tensors (spqr.format.layout), checked here (validate_layer: a bad index
-        would make the kernels read out of bounds); ValueError names the problem."""
+        would make the kernels read out of bounds); ValueError names the problem, and the layer as `name` (its
+        module name in a model) where given."""
         super().__init__()
-        validate_layer(spec, tensors, f"SpQRLinear({spec.out_features}x{spec.in_features})")
+        validate_layer(spec, tensors, name or f"SpQRLinear({spec.out_features}x{spec.in_features})")
         self.spec = spec
         self.in_features = spec.in_features
         self.out_features = spec.out_features
