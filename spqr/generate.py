@@ -28,7 +28,7 @@ GREEDY = SamplingConfig()
 
 
 class GenerationError(ValueError):
-    """The model's output cannot be decoded into tokens (NaN logits)."""
+    """The model's output cannot be decoded into tokens (NaN or +inf logits, or -inf for every token)."""
 
 
 class _Throughput:
@@ -160,7 +160,7 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a spqr.SamplingConfig, got {type(sampling).__name__}")
     check_token_ids(input_ids, getattr(model.config, "vocab_size", None), "input_ids")
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
         log.warning("spqr: %d prompt tokens + %d new tokens exceed the model's context of %d positions: the tokens "
                     "past it are unlikely to make sense", input_ids.shape[1], max_new_tokens, context)

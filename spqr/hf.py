@@ -93,7 +93,6 @@ class ShardedWeights:
     on demand, so that a model can be processed one decoder block at a time."""
 
     def __init__(self, directory: str | Path):
-
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
@@ -106,10 +105,10 @@ class ShardedWeights:
             for file in sorted(set(self.files.values())):
                 if not file.is_file():
                     raise ModelLoadError(f"{index} names the shard {file.name}, which does not exist")
-                with _check_safetensors(file):
+                with _open_safetensors(file):
                     pass
         elif (directory / "model.safetensors").is_file():
-            with _check_safetensors(directory / "model.safetensors") as f:
+            with _open_safetensors(directory / "model.safetensors") as f:
                 self.files = {name: directory / "model.safetensors" for name in f.keys()}
         else:
             raise ModelLoadError(f"{directory} has no safetensors weights (model.safetensors or an index)")
@@ -117,20 +116,20 @@ class ShardedWeights:
     def fingerprint(self) -> list[tuple[str, int, int]]:
         """(file name, size, modification time in ns) of every weights file: a resumed run must not mix blocks
         quantized from other weights."""
-        return [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in sorted(set(self.files.values()))]
+        stats = [(file.name, file.stat()) for file in sorted(set(self.files.values()))]
+        return [(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats]
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         with deferred_interrupt():
             for file, file_names in by_file.items():
-                with _check_safetensors(file) as f:
+                with _open_safetensors(file) as f:
                     for name in file_names:
                         try:
                             out[name] = f.get_tensor(name)
@@ -139,7 +138,7 @@ class ShardedWeights:
         return out
 
 
-def _check_safetensors(file: Path):
+def _open_safetensors(file: Path):
     """safe_open(file), or a ModelLoadError naming the file when it is not a readable safetensors file."""
     from safetensors import safe_open
 

@@ -71,12 +71,12 @@ def _triton_available() -> bool:
 
 def cuda_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """x [..., in] (CUDA) -> [..., out] through the Triton kernels (spqr.kernels.gpu), else the reference path."""
-    spec.check_input(x)
-    if not _triton_available():
-        return reference_linear(spec, t, x)
+    if not _triton_available() or not spec.kernel_friendly:
+        return reference_linear(spec, t, x)  # checks x
     from spqr.kernels import gpu
 
-    return gpu.triton_linear(spec, t, x) if spec.kernel_friendly else reference_linear(spec, t, x)
+    spec.check_input(x)
+    return gpu.triton_linear(spec, t, x)
 
 
 def _unpack_args(qweight: torch.Tensor, stats: list[torch.Tensor], perm: torch.Tensor | None,
