@@ -20,10 +20,16 @@ def _sha(path) -> str:
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_lazy_sharded_quantization_equals_eager(tmp_path, tokenizer, arch):
+def _source(tmp_path, tokenizer, model=None, **save_options):
+    """A HF model directory (the tiny llama unless `model`) with the test tokenizer, as load_model_lazy reads it."""
     source = tmp_path / "source"
-    make_model(arch).save_pretrained(source, max_shard_size="40KB")
+    (model or make_model("llama")).save_pretrained(source, **save_options)
     tokenizer.save_pretrained(source)
+    return source
+
+
+def test_lazy_sharded_quantization_equals_eager(tmp_path, tokenizer, arch):
+    source = _source(tmp_path, tokenizer, make_model(arch), max_shard_size="40KB")
     assert (source / "model.safetensors.index.json").is_file()
 
     eager = make_model(arch)
@@ -49,9 +55,7 @@ def test_lazy_sharded_quantization_equals_eager(tmp_path, tokenizer, arch):
 
 
 def test_lazy_single_file_and_resume(tmp_path, tokenizer):
-    source = tmp_path / "source"
-    make_model("llama").save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = _source(tmp_path, tokenizer)
     progress = tmp_path / "progress"
     model, _, weights = load_model_lazy(source)
     quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress_dir=progress, progress=False)
@@ -72,9 +76,7 @@ def test_lazy_single_file_and_resume(tmp_path, tokenizer):
 def test_progress_from_other_weights_is_not_resumed(tmp_path, tokenizer):
     """Blocks quantized from weights that changed since (a weight of block 1, not the first Linear the fingerprint
     read before) were reused silently; the weights files' size and time now belong to the run's fingerprint."""
-    source = tmp_path / "source"
-    make_model("llama").save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = _source(tmp_path, tokenizer)
     progress = tmp_path / "progress"
     model, _, weights = load_model_lazy(source)
     quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress_dir=progress, progress=False)
@@ -103,9 +105,7 @@ def test_progress_from_other_weights_is_not_resumed(tmp_path, tokenizer):
 def test_damaged_weights_are_named_during_lazy_quantization(tmp_path, tokenizer, damage, message):
     """They were raw safetensors or torch errors (a missing tensor: 'Tensor.item() cannot be called on meta tensors',
     after block 0 was quantized)."""
-    source = tmp_path / "source"
-    make_model("llama").save_pretrained(source)
-    tokenizer.save_pretrained(source)
+    source = _source(tmp_path, tokenizer)
     damage(source)
     with pytest.raises(ModelLoadError, match=message):
         model, _, weights = load_model_lazy(source)
