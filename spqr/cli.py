@@ -26,12 +26,17 @@ from spqr.pipeline import QuantizationError, calibration_data, quantize
 
 log = logging.getLogger("spqr")
 
+
 class Interrupted(Exception):
     """Ctrl-C during a command; the message says what was kept."""
 
 
+class NanPerplexity(RuntimeError):
+    """The evaluated model's loss is NaN (its activations overflow, or the quantization broke it)."""
+
+
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError,
-               ConversionError, GenerationError)
+               ConversionError, GenerationError, NanPerplexity)
 
 
 def _qq_bits(text: str) -> int | None:
@@ -213,6 +218,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         summary["eval"] = _evaluate(model, tokenizer, args.dataset, args.split, args.eval_seqlen,
                                     args.max_windows, args.batch_size)
     _write_json(summary, args.json)
+    if args.eval:
+        _refuse_nan_perplexity(summary["eval"])
     return summary
 
 
@@ -224,7 +231,15 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     print(f"perplexity {result['ppl']:.4f} ({result['dataset']}/{result['split']}, "
           f"{result['windows']} windows x {result['seqlen']} tokens)")
     _write_json(result, args.json)
+    _refuse_nan_perplexity(result)
     return result
+
+
+def _refuse_nan_perplexity(result: dict) -> None:
+    """A NaN perplexity is a broken model, not a measurement: an error (the JSON, written before, says null)."""
+    if math.isnan(result["ppl"]):
+        raise NanPerplexity(f"the model's loss is NaN on {result['dataset']}/{result['split']}: its activations "
+                            "overflow or its weights are broken; no perplexity was measured")
 
 
 def cmd_info(args: argparse.Namespace) -> dict:
@@ -300,6 +315,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
                "sampling": sampling.to_dict(), "text": texts, **result.to_dict()}
     _write_json(summary, args.json)
+    if args.eval:
+        _refuse_nan_perplexity(summary["eval"])
     return summary
 
 
@@ -359,6 +376,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
               f"{result.prefill_tokens_per_second:.1f} tokens/s, decode {result.decode_tokens_per_second:.2f} "
               f"tokens/s ({args.tokens} tokens each)")
     _write_json(summary, args.json)
+    if args.eval:
+        _refuse_nan_perplexity(summary["eval"])
     return summary
 
 

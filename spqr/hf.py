@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +33,16 @@ REPORT_NAME = "quantization_report.json"
 
 class ModelLoadError(RuntimeError):
     """The model path is missing, not a model, or of an unsupported architecture."""
+
+
+def _refuse_non_finite(named_tensors, where: str, error: type[Exception]) -> None:
+    """Raise `error` naming the floating-point tensors among (name, tensor) pairs that hold NaN or Inf: such a
+    model computes NaN logits (perplexity NaN, generation refused). Callers pass parameters, not buffers (some
+    models keep -inf attention masks there)."""
+    names = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise error(f"{where}: weights contain NaN or Inf: {', '.join(names[:3])}{more}")
 
 
 def default_model_path() -> Path:
@@ -84,6 +95,7 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | None = Non
         raise
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
+    _refuse_non_finite(model.named_parameters(), str(path), ModelLoadError)
     model.eval()
     return model, tokenizer
 
@@ -93,7 +105,7 @@ class ShardedWeights:
     on demand, so that a model can be processed one decoder block at a time."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        self.directory = directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -156,6 +168,9 @@ def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: 
              if t.device.type == "meta" and not (exclude and n.startswith(exclude + "."))]
     present = [n for n in names if prefix + n in weights]  # the caller checks what stays on the meta device
     tensors = weights.load([prefix + n for n in present])
+    parameters = {prefix + n for n, _ in module.named_parameters()}
+    _refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(weights.directory),
+                       ModelLoadError)
     # Copies, not views: safetensors returns views of a memory-mapped shard, and one surviving view
     # (a norm weight) would keep the whole mapping, with every page written since, resident.
     try:
@@ -292,6 +307,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
                                                   "modules_not_converted", "quantized_embeddings", "checksums"})
     if reserved:  # they describe the stored tensors: written here, never taken from the caller
         raise ValueError(f"quantization_config is the recipe; {reserved} are written by save_quantized itself")
+    nan_keys = _nan_keys(quantization_config)
+    if nan_keys:  # json would write a bare NaN, which readers other than Python's refuse
+        raise ValueError(f"quantization_config holds NaN at {nan_keys}: not a recipe value")
     not_converted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         checksums = write_weights(tmp, unique_state_dict(model))
@@ -316,6 +334,17 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return Path(out_dir)
+
+
+def _nan_keys(value: object, where: str = "") -> list[str]:
+    """Dotted paths of the NaN floats inside nested dicts and lists."""
+    if isinstance(value, float) and math.isnan(value):
+        return [where or "(top level)"]
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _nan_keys(v, f"{where}.{key}".lstrip("."))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in _nan_keys(v, f"{where}[{i}]")]
+    return []
 
 
 def module_entry(model: nn.Module, name: str, entry: object) -> tuple[LayerSpec, int | None]:
@@ -433,6 +462,8 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
+    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    _refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
     tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

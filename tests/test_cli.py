@@ -90,6 +90,23 @@ def test_eval_of_the_original_model(model_dirs, text_file, tmp_path):
     assert json.loads(j.read_text())["ppl"] == pytest.approx(_ref_ppl(model, ids, 16, 3), rel=1e-5)
 
 
+def test_a_nan_perplexity_is_an_error_with_the_json_written(text_file, tmp_path, tokenizer, capsys):
+    """Finite weights whose activations overflow (a final norm of 3e38): 'perplexity nan' exited 0."""
+    from tests.helpers import make_model
+
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(3e38)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    j = tmp_path / "e.json"
+    assert main(["eval", str(tmp_path / "m"), "--dataset", str(text_file), "--seqlen", "16", "--max-windows", "2",
+                 "--json", str(j)]) == 2
+    captured = capsys.readouterr()
+    assert "perplexity nan" in captured.out and "error: the model's loss is NaN" in captured.err
+    assert json.loads(j.read_text())["ppl"] is None
+
+
 @pytest.mark.parametrize("method,extra", [("gptq", ["--beta1", "16"]), ("rtn", ["--wbits", "3"]),
                                           ("rtn", ["--wbits", "3", "--stats-dtype", "float32"])])
 def test_baseline_methods(model_dirs, text_file, tmp_path, method, extra):

@@ -20,6 +20,7 @@ from spqr.hf import (
     default_model_path,
     is_quantized_checkpoint,
     load_model,
+    load_model_lazy,
     load_quantized,
     save_quantized,
 )
@@ -382,4 +383,33 @@ def test_the_recipe_cannot_override_the_format_fields(quantized_llama, tmp_path)
     for key in ("format_version", "quant_method", "checksums"):
         with pytest.raises(ValueError, match=rf"\['{key}'\] are written by save_quantized itself"):
             save_quantized(quantized, tmp_path / "out", {key: 99})
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_with_nan_or_inf_are_refused_on_load_naming_the_tensor(tmp_path, tokenizer):
+    """A model with NaN weights evaluated to 'perplexity nan' (exit 0): now the loaders name the tensor."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[2] = float("nan")
+        model.model.layers[0].mlp.up_proj.weight[0, 1] = float("inf")
+    model.save_pretrained(tmp_path / "fp")
+    tokenizer.save_pretrained(tmp_path / "fp")
+    with pytest.raises(ModelLoadError, match=r"weights contain NaN or Inf: .*model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_model(tmp_path / "fp")
+    with pytest.raises(ModelLoadError, match=r"weights contain NaN or Inf: model\.norm\.weight"):
+        load_model_lazy(tmp_path / "fp")  # the blocks are read later, block by block: checked then (test_lazy)
+
+    quantized, config = _quantized("llama")
+    with torch.no_grad():
+        quantized.model.embed_tokens.weight[5, 0] = float("-inf")
+    save_quantized(quantized, tmp_path / "q", config.to_dict())
+    with pytest.raises(CheckpointError, match=r"weights contain NaN or Inf: model\.embed_tokens\.weight"):
+        load_quantized(tmp_path / "q")
+
+
+def test_a_nan_in_the_recipe_is_refused(quantized_llama, tmp_path):
+    """json wrote it as a bare NaN, which strict JSON readers refuse (inf stays allowed: outlier_threshold)."""
+    _, quantized, _ = quantized_llama
+    with pytest.raises(ValueError, match=r"NaN at \['calibration\.extra\[1\]'\]"):
+        save_quantized(quantized, tmp_path / "out", {"wbits": 3, "calibration": {"extra": [1.0, float("nan")]}})
     assert not (tmp_path / "out").exists()

@@ -254,7 +254,8 @@ def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> No
 
     Every tensor of the spec is present with its dtype and shape (the bias: floating point, any precision); CSR
     row pointers start at 0, never decrease and end at nnz; column indices are in range and strictly ascending
-    within each row; the permutation is a true permutation; stored fp16 statistics and outlier values are finite.
+    within each row; the permutation is a true permutation; stored fp16 statistics, outlier values and the bias
+    are finite.
     """
     for key, (shape, dtype) in spec.expected_tensors().items():
         tensor = t.get(key)
@@ -285,6 +286,6 @@ def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> No
         perm = t["perm"].long()
         if not torch.equal(torch.sort(perm).values, torch.arange(spec.in_features)):
             raise ValueError(f"{name}: perm is not a permutation of 0..{spec.in_features - 1}")
-    for key in ("outlier_val", "scale", "zero", "scale_scale", "scale_zero", "zero_scale", "zero_zero"):
+    for key in ("outlier_val", "scale", "zero", "scale_scale", "scale_zero", "zero_scale", "zero_zero", "bias"):
         if key in t and not bool(torch.isfinite(t[key]).all()):
             raise ValueError(f"{name}: {key} contains NaN or Inf")

@@ -240,11 +240,15 @@ def _corruptions():
     def count_mismatch(t):
         t["outlier_col"] = t["outlier_col"][:-1]
 
+    def nan_bias(t):
+        t["bias"][3] = float("nan")
+
     return [("ptr_start", ptr_start, "row pointer"), ("ptr_decreasing", ptr_decreasing, "row pointer"),
             ("ptr_end", ptr_end, "row pointer"), ("col_range", col_range, "outside"),
             ("col_negative", col_negative, "outside"), ("col_order", col_order, "ascending"),
             ("perm_duplicate", perm_duplicate, "permutation"), ("nan_value", nan_value, "NaN"),
-            ("inf_stat", inf_stat, "NaN or Inf"), ("count_mismatch", count_mismatch, "outlier columns")]
+            ("inf_stat", inf_stat, "NaN or Inf"), ("count_mismatch", count_mismatch, "outlier columns"),
+            ("nan_bias", nan_bias, "bias contains NaN")]
 
 
 def test_validate_layer_accepts_engine_output():
@@ -255,7 +259,7 @@ def test_validate_layer_accepts_engine_output():
 
 @pytest.mark.parametrize("description,corrupt,message", _corruptions(), ids=[c[0] for c in _corruptions()])
 def test_validate_layer_rejects_corruption(description, corrupt, message):
-    _, packed, _ = _packed(CASES[0])
+    _, packed, _ = _packed(CASES[0], bias=True)
     assert packed.outlier_count > 3
     tensors = {k: v.clone() for k, v in packed.tensors.items()}
     corrupt(tensors)
