@@ -35,7 +35,7 @@ class ModelLoadError(RuntimeError):
     """The model path is missing, not a model, or of an unsupported architecture."""
 
 
-def _refuse_non_finite(named_tensors, where: str, error: type[Exception]) -> None:
+def refuse_non_finite(named_tensors, where: str, error: type[Exception]) -> None:
     """Raise `error` naming the floating-point tensors among (name, tensor) pairs that hold NaN or Inf: such a
     model computes NaN logits (perplexity NaN, generation refused). Callers pass parameters, not buffers (some
     models keep -inf attention masks there)."""
@@ -95,7 +95,7 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | None = Non
         raise
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
-    _refuse_non_finite(model.named_parameters(), str(path), ModelLoadError)
+    refuse_non_finite(model.named_parameters(), str(path), ModelLoadError)
     model.eval()
     return model, tokenizer
 
@@ -169,7 +169,7 @@ def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, dtype: 
     present = [n for n in names if prefix + n in weights]  # the caller checks what stays on the meta device
     tensors = weights.load([prefix + n for n in present])
     parameters = {prefix + n for n, _ in module.named_parameters()}
-    _refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(weights.directory),
+    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(weights.directory),
                        ModelLoadError)
     # Copies, not views: safetensors returns views of a memory-mapped shard, and one surviving view
     # (a norm weight) would keep the whole mapping, with every page written since, resident.
@@ -463,7 +463,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    _refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
+    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
     tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

@@ -6,7 +6,8 @@ under our quant_method "spqr_packed". Before the weights load, every quantized L
 config's `modules` table becomes an SpQRLinear whose packed buffers are placeholders of the exact
 stored shapes; transformers then fills them from model.safetensors. After loading, the packed
 tensors get back their stored dtypes (transformers may cast floating tensors to the model dtype;
-fp16 -> fp32 -> fp16 is lossless) and every layer is validated as `spqr.load_quantized` does.
+fp16 -> fp32 -> fp16 is lossless), every layer is validated and the other weights are checked to be finite,
+as `spqr.load_quantized` does.
 `spqr.load_quantized` stays the stricter path: it also verifies the file's sha256.
 """
 
@@ -22,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
 from spqr.format.layout import LayerSpec, validate_layer
-from spqr.hf import attach_quantized_embeddings, module_entry, set_submodule
+from spqr.hf import attach_quantized_embeddings, module_entry, refuse_non_finite, set_submodule
 from spqr.nn import SpQRLinear
 
 
@@ -85,6 +86,7 @@ class SpQRPackedQuantizer(HfQuantizer):
                 if tensor.dtype != expected[key][1]:
                     layer._buffers[key] = tensor.to(expected[key][1])
             validate_layer(spec, layer.packed_tensors(), name)
+        refuse_non_finite(model.named_parameters(), "the checkpoint", ValueError)  # as spqr.load_quantized does
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

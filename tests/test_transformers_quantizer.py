@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import spqr
-from spqr.format.io import read_weights, write_weights
+from spqr.format.io import CheckpointError, read_weights, write_weights
 from spqr.hf import module_name
 from spqr.nn import SpQRLinear
 
@@ -88,3 +88,15 @@ def test_inconsistent_tensors_are_refused(quantized_llama, tmp_path):
     write_weights(path, tensors)
     with pytest.raises(ValueError, match="up_proj: outlier_row_ptr"):
         AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_non_finite_weights_are_refused_as_by_our_loader(quantized_llama, tmp_path):
+    path = _copy(quantized_llama[2], tmp_path)
+    tensors = read_weights(path, None)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors["model.norm.weight"][0] = float("nan")
+    write_weights(path, tensors)
+    with pytest.raises(ValueError, match=r"weights contain NaN or Inf: model\.norm\.weight"):
+        AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
+        spqr.load_quantized(path, verify_checksum=False)
