@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingConfig, preset
-from spqr.data import DATASETS, DataError, default_split, load_text, tokenize
+from spqr.data import DATASETS, DataError, default_split, label, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError
 from spqr.format.spqr_quant import ConversionError
@@ -107,20 +107,24 @@ def _write_json(data: dict, path: str | None) -> None:
 def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen") -> None:
     p.add_argument("--dataset", default="wikitext2",
                    help=f"evaluation text: one of {sorted(DATASETS)} or a .txt/.jsonl file (default wikitext2)")
-    p.add_argument("--split", default=None, help="evaluation split (default: test where available)")
+    p.add_argument("--split", default=None,
+                   help="split of a shipped evaluation dataset (default: test where available; files have none)")
     p.add_argument(seqlen_flag, type=int, default=512, help="tokens per evaluation window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
 
 
-def _check_eval_options(seqlen: int, max_windows: int | None, batch_size: int, seqlen_option: str) -> None:
-    """Refuse perplexity options that cannot work, before any model is loaded or quantized."""
+def _check_eval_options(seqlen: int, max_windows: int | None, batch_size: int, seqlen_option: str, dataset: str,
+                        split: str | None) -> None:
+    """Refuse perplexity options that cannot work and texts that cannot be read, before any model is loaded or
+    quantized."""
     if seqlen < 2:
         raise ConfigError(f"{seqlen_option} must be >= 2 (a window needs a token to predict), got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"--max-windows must be >= 1, got {max_windows}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    load_text(dataset, split or default_split(dataset, "eval"))
 
 
 def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
@@ -130,8 +134,8 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
     split = split or default_split(dataset, "eval")
     ids = tokenize(tokenizer, load_text(dataset, split))
     result = perplexity(model, ids, seqlen, max_windows=max_windows, batch_size=batch_size)
-    log.info("%s/%s perplexity %.4f over %d windows of %d tokens (%.1f s)",
-             dataset, split, result.ppl, result.windows, seqlen, result.seconds)
+    log.info("%s perplexity %.4f over %d windows of %d tokens (%.1f s)",
+             label(dataset, split), result.ppl, result.windows, seqlen, result.seconds)
     return {"dataset": dataset, "split": split, **result.to_dict()}
 
 
@@ -152,7 +156,8 @@ def _check_output_dir(out: Path, model: str | None) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
     if args.eval:
-        _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen")
+        _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen", args.dataset,
+                            args.split)
     overrides = {k: v for k, v in {
         "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
         "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize, "stats_dtype": args.stats_dtype,
@@ -167,6 +172,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         quantize_head = dataclasses.replace(config, wbits=args.head_wbits)
     calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed)
+    if config.needs_hessian:
+        load_text(calibration.dataset, calibration.split)  # a bad text file refused before minutes of loading
     out = Path(args.output)
     _check_output_dir(out, args.model)
     progress_dir = out.parent / f".{out.name}.partial"
@@ -224,11 +231,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    _check_eval_options(args.seqlen, args.max_windows, args.batch_size, "--seqlen")
+    _check_eval_options(args.seqlen, args.max_windows, args.batch_size, "--seqlen", args.dataset, args.split)
     model, tokenizer = load_model(args.model)
     result = _evaluate(model, tokenizer, args.dataset, args.split, args.seqlen, args.max_windows, args.batch_size)
     result["model"] = str(args.model) if args.model else "default"
-    print(f"perplexity {result['ppl']:.4f} ({result['dataset']}/{result['split']}, "
+    print(f"perplexity {result['ppl']:.4f} ({label(result['dataset'], result['split'])}, "
           f"{result['windows']} windows x {result['seqlen']} tokens)")
     _write_json(result, args.json)
     _refuse_nan_perplexity(result)
@@ -238,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 def _refuse_nan_perplexity(result: dict) -> None:
     """A NaN perplexity is a broken model, not a measurement: an error (the JSON, written before, says null)."""
     if math.isnan(result["ppl"]):
-        raise NanPerplexity(f"the model's loss is NaN on {result['dataset']}/{result['split']}: its activations "
+        raise NanPerplexity(f"the model's loss is NaN on {label(result['dataset'], result['split'])}: its activations "
                             "overflow or its weights are broken; no perplexity was measured")
 
 
@@ -268,8 +275,13 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("--chat: this model's tokenizer has no chat template; give the prompt as plain text")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        except Exception as e:  # jinja2's TemplateSyntaxError, or the template's own raise_exception
+            raise ConfigError(f"--chat: the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
+        if ids.shape[-1] == 0:
+            raise ConfigError(f"--chat: the chat template made no tokens of the prompt {prompt!r}")
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[-1] == 0:
@@ -280,6 +292,9 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def cmd_generate(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed,  # checked before loading
                               args.repetition_penalty)
+    if sampling.greedy and (args.top_k or args.top_p != 1.0):
+        log.warning("spqr generate: --top-k and --top-p only apply when sampling (--temperature above 0); "
+                    "decoding greedily")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
@@ -293,14 +308,15 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         def stream(token: int) -> None:  # print the text's new suffix (tokens can merge into characters)
             nonlocal printed
             new.append(token)
-            text = tokenizer.decode(new, skip_special_tokens=True)
+            # A character split across tokens decodes to U+FFFD until its last byte arrives: hold it back.
+            text = tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
             print(text[printed:], end="", flush=True)
-            printed = len(text)
+            printed = max(printed, len(text))
 
         result = generate(model, prompts[0], args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream,
                           sampling=sampling)
-        print()
         texts: str | list[str] = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        print(texts[printed:])  # what was held back: a character the generation ended in the middle of
     else:  # side by side, printed when all are done
         result = generate_batch(model, [ids[0] for ids in prompts], args.max_new_tokens,
                                 stop_at_eos=not args.ignore_eos, sampling=sampling)
@@ -418,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--blocksize", type=int, help="columns per lazy update block (default 128)")
     q.add_argument("--no-error-feedback", action="store_true", help="round to nearest (no GPTQ feedback)")
     q.add_argument("--calib", default="wikitext2", help="calibration text: dataset name or .txt/.jsonl file")
-    q.add_argument("--calib-split", default="valid", help="split of a shipped calibration dataset")
+    q.add_argument("--calib-split", default=None,
+                   help="split of a shipped calibration dataset (default: valid; files have none)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
@@ -460,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (0: all)")
     g.add_argument("--top-p", type=float, default=1.0,
                    help="sample among the most likely tokens whose probability reaches p (1.0: all)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling: the same seed and prompts give the same text (a prompt's sampled "
+                        "text depends on the other prompts of its batch)")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide the logits of tokens already seen by this (above 1: fewer repetitions; default 1.0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

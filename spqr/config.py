@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from spqr.data import DATASETS, default_split
+
 PermutationOrder = Literal["identity", "act_order"]
 PERMUTATION_ORDERS = ("identity", "act_order")
 StatsDtype = Literal["float16", "float32"]
@@ -146,12 +148,12 @@ class CalibrationConfig:
     """Which tokens the Hessians H = 2XXᵀ/n come from.
 
     dataset: a shipped dataset name ("wikitext2", "ptb", "c4") or a path to a .txt / .jsonl file.
-    split:   split of a shipped dataset ("valid" or "test").
+    split:   split of a shipped dataset ("valid" or "test"; None: "valid"); None for a file, which has no splits.
     nsamples windows of seqlen tokens are drawn at seeded random offsets.
     """
 
     dataset: str = "wikitext2"
-    split: str = "valid"
+    split: str | None = None
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -160,7 +162,14 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.dataset, str) and self.dataset != "",
                f"dataset must be a dataset name or a file path, got {self.dataset!r}")
-        _check(isinstance(self.split, str), f"split must be a split name such as 'valid', got {self.split!r}")
+        if self.dataset in DATASETS:
+            if self.split is None:
+                object.__setattr__(self, "split", default_split(self.dataset, "calibration"))
+            _check(self.split in DATASETS[self.dataset],
+                   f"dataset {self.dataset!r} has no split {self.split!r}; available: {sorted(DATASETS[self.dataset])}")
+        else:
+            _check(self.split is None, f"split {self.split!r} given for {self.dataset!r}, which is not a shipped "
+                                       f"dataset ({sorted(DATASETS)}): a file has no splits")
         _check(_is_int(self.nsamples) and self.nsamples >= 1,
                f"nsamples must be a positive integer, got {self.nsamples!r}")
         _check(_is_int(self.seqlen) and self.seqlen >= 2,

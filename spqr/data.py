@@ -9,10 +9,13 @@ Shipped (see spqr/datasets/*/README.md for provenance and licenses):
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DATASETS: dict[str, dict[str, str]] = {
     "wikitext2": {"test": "wikitext2/wiki.test.raw", "valid": "wikitext2/wiki.valid.raw"},
@@ -25,15 +28,27 @@ class DataError(ValueError):
     """A dataset name, split or file is unknown, unreadable or too short."""
 
 
-def default_split(dataset: str, purpose: str) -> str:
-    """"test" for evaluation and "valid" for calibration, where the dataset has them."""
-    splits = DATASETS.get(dataset, {})
+def default_split(dataset: str, purpose: str) -> str | None:
+    """"test" for evaluation and "valid" for calibration, where the shipped dataset has them; None for a file."""
+    if dataset not in DATASETS:
+        return None
     wanted = "test" if purpose == "eval" else "valid"
-    return wanted if wanted in splits else "valid"
+    return wanted if wanted in DATASETS[dataset] else "valid"
+
+
+def label(dataset: str, split: str | None) -> str:
+    """"wikitext2/test", or the file name alone (files have no splits), for messages and reports."""
+    return dataset if split is None else f"{dataset}/{split}"
+
+
+# Files of these kinds are not text: read as text they would calibrate or evaluate on their syntax or bytes.
+NOT_TEXT_SUFFIXES = {".json", ".parquet", ".arrow", ".csv", ".tsv", ".gz", ".zip", ".bz2", ".xz", ".zst", ".tar",
+                     ".pdf", ".npy", ".pt", ".safetensors"}
 
 
 def load_text(dataset: str, split: str | None = None) -> str:
-    """The raw text of a shipped dataset split, or of a user's .txt / .jsonl ("text" field) file."""
+    """The raw text of a shipped dataset split, or of a user's text file (UTF-8; a .jsonl file: the "text" field
+    of every line's object). Files have no splits: split must be None for them."""
     if dataset in DATASETS:
         split = split or default_split(dataset, "eval")
         if split not in DATASETS[dataset]:
@@ -49,11 +64,18 @@ def load_text(dataset: str, split: str | None = None) -> str:
     path = Path(dataset)
     if not path.is_file():
         raise DataError(f"unknown dataset {dataset!r}: not one of {sorted(DATASETS)} and not an existing file")
+    if split is not None:
+        raise DataError(f"split {split!r} given for the file {path}: only the shipped datasets {sorted(DATASETS)} "
+                        "have splits")
+    suffix = path.suffix.lower()
+    if suffix in NOT_TEXT_SUFFIXES:
+        raise DataError(f"{path}: a {suffix} file is not supported; give plain UTF-8 text (e.g. .txt) or a .jsonl "
+                        "file with one {\"text\": ...} object per line")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path} as UTF-8 text: {e}") from e
-    if path.suffix == ".jsonl":
+    if suffix == ".jsonl":
         try:
             return "\n\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -106,6 +128,10 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     """nsamples windows [nsamples, seqlen] at uniformly random offsets, drawn from a seeded generator."""
     if ids.numel() < seqlen + 1:
         raise DataError(f"calibration text has {ids.numel()} tokens, fewer than seqlen + 1 = {seqlen + 1}")
+    if ids.numel() < nsamples * seqlen:
+        log.warning("spqr: the calibration text has %d tokens, fewer than nsamples x seqlen = %d: the %d windows "
+                    "overlap (drawn from %d possible start offsets)", ids.numel(), nsamples * seqlen, nsamples,
+                    ids.numel() - seqlen)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=generator)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

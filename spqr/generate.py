@@ -145,8 +145,16 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
 
 
 def _eos_ids(model: nn.Module, stop_at_eos: bool) -> set[int]:
-    eos = getattr(model.config, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos]) if stop_at_eos and eos is not None else set()
+    """End-of-sequence ids of the model's config and of its generation config (where chat models list their
+    end-of-turn token), as transformers' generate takes them."""
+    ids: set[int] = set()
+    if not stop_at_eos:
+        return ids
+    for source in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return ids
 
 
 def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,

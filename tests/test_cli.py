@@ -90,6 +90,41 @@ def test_eval_of_the_original_model(model_dirs, text_file, tmp_path):
     assert json.loads(j.read_text())["ppl"] == pytest.approx(_ref_ppl(model, ids, 16, 3), rel=1e-5)
 
 
+def test_texts_are_checked_before_the_model_is_loaded_and_files_have_no_split(model_dirs, text_file, tmp_path,
+                                                                            capsys, monkeypatch):
+    """A bad --calib or --dataset file was found only after loading (and, for --eval, quantizing) the model; --split
+    on a file was ignored and the file reported as FILE/valid."""
+    import spqr.cli
+
+    j = tmp_path / "e.json"
+    assert main(["eval", str(model_dirs["llama"]), "--dataset", str(text_file), "--seqlen", "16", "--max-windows",
+                 "1", "--json", str(j)]) == 0
+    assert f"({text_file}, 1 windows" in capsys.readouterr().out and json.loads(j.read_text())["split"] is None
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the text was checked")
+
+    monkeypatch.setattr(spqr.cli, "load_model", never)
+    monkeypatch.setattr(spqr.cli, "load_model_lazy", never)
+    (tmp_path / "data.json").write_text('[{"text": "x"}]')
+    model = str(model_dirs["llama"])
+    cases = [
+        (["eval", model, "--dataset", str(text_file), "--split", "test"], "split 'test' given for the file"),
+        (["eval", model, "--dataset", str(tmp_path / "missing.txt")], "not an existing file"),
+        (["quantize", model, "-o", str(tmp_path / "o1"), "--calib", str(tmp_path / "data.json")], "not supported"),
+        (["quantize", model, "-o", str(tmp_path / "o2"), "--calib", str(text_file), "--calib-split", "valid"],
+         "a file has no splits"),
+        (["quantize", model, "-o", str(tmp_path / "o3"), "--calib", "ptb", "--calib-split", "train"],
+         "has no split 'train'"),
+        (["quantize", model, "-o", str(tmp_path / "o4"), "--calib", str(text_file), "--eval", "--dataset",
+          str(tmp_path / "data.json")], "not supported"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err, (argv, err)
+
+
 def test_a_nan_perplexity_is_an_error_with_the_json_written(text_file, tmp_path, tokenizer, capsys):
     """Finite weights whose activations overflow (a final norm of 3e38): 'perplexity nan' exited 0."""
     from tests.helpers import make_model

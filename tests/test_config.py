@@ -33,10 +33,20 @@ def test_out_of_range_values_name_the_option(option, value):
 
 @pytest.mark.parametrize("option,value", [("nsamples", 0), ("seqlen", 1), ("batch_size", 0), ("nsamples", 2.0),
                                           ("nsamples", True), ("seed", -1), ("seed", 10**23), ("seed", 1.5),
-                                          ("dataset", 123), ("dataset", ""), ("split", None)])
+                                          ("dataset", 123), ("dataset", ""), ("split", "train"),
+                                          ("split", 3)])
 def test_calibration_config_validation(option, value):
     with pytest.raises(ConfigError, match=option):
         CalibrationConfig(**{option: value})
+
+
+def test_calibration_split_defaults_to_valid_and_files_have_none(tmp_path):
+    assert CalibrationConfig().split == "valid" and CalibrationConfig(dataset="ptb").split == "valid"
+    assert CalibrationConfig(dataset="wikitext2", split="test").split == "test"
+    text = str(tmp_path / "calib.txt")
+    assert CalibrationConfig(dataset=text).split is None
+    with pytest.raises(ConfigError, match="split 'valid' given for .*a file has no splits"):
+        CalibrationConfig(dataset=text, split="valid")
 
 
 def test_valid_edge_values_are_accepted():

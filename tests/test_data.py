@@ -13,6 +13,7 @@ from spqr.data import (
     calibration_windows,
     default_split,
     eval_windows,
+    label,
     load_text,
     tokenize,
 )
@@ -133,3 +134,32 @@ def test_tokenize(tokenizer):
     assert ids.dtype == torch.int64 and ids.ndim == 1
     assert ids.tolist() == tokenizer("Robert Boulter is an English film actor", add_special_tokens=False).input_ids
     assert tokenizer.decode(ids) == "Robert Boulter is an English film actor"
+
+
+def test_files_have_no_splits_and_structured_files_are_refused(tmp_path):
+    """--split on a file was ignored (and the file labelled "/valid"); a .json array or an upper-case .JSONL was
+    read as plain text, i.e. the model calibrated or evaluated on JSON syntax."""
+    txt = tmp_path / "a.txt"
+    txt.write_text("some text")
+    assert default_split(str(txt), "eval") is None and default_split(str(txt), "calibration") is None
+    assert label(str(txt), None) == str(txt) and label("wikitext2", "test") == "wikitext2/test"
+    with pytest.raises(DataError, match="split 'test' given for the file .*only the shipped datasets"):
+        load_text(str(txt), "test")
+    upper = tmp_path / "b.JSONL"
+    upper.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert load_text(str(upper)) == "one\n\ntwo"
+    for name in ("c.json", "d.parquet", "e.CSV", "f.txt.gz"):
+        (tmp_path / name).write_text('[{"text": "x"}]')
+        with pytest.raises(DataError, match="file is not supported; give plain UTF-8 text"):
+            load_text(str(tmp_path / name))
+
+
+def test_calibration_text_shorter_than_the_windows_warns(caplog):
+    ids = torch.arange(40)
+    with caplog.at_level("WARNING"):
+        calibration_windows(ids, nsamples=4, seqlen=8, seed=0)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        windows = calibration_windows(ids, nsamples=100, seqlen=8, seed=0)
+    assert windows.shape == (100, 8)
+    assert "40 tokens, fewer than nsamples x seqlen = 800: the 100 windows overlap" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spqr.cli import main
-from spqr.config import SamplingConfig
+from spqr.config import QuantConfig, SamplingConfig
 from spqr.generate import (
     BatchGenerationResult,
     GenerationError,
@@ -25,7 +25,8 @@ from spqr.generate import (
 from spqr.hf import load_quantized
 from spqr.kernels import cpu
 from spqr.nn import SpQRLinear
-from tests.helpers import make_model
+from spqr.pipeline import quantize
+from tests.helpers import make_model, random_windows
 
 
 @pytest.mark.parametrize("amx", [True, False])  # >8-row calls on AMX where the CPU has it, else on AVX-512
@@ -416,3 +417,66 @@ def test_generating_past_the_context_warns(caplog):
     with caplog.at_level("WARNING", logger="spqr.generate"):
         generate_batch(model, [[0, 1, 0], [1]], 6)
     assert "3 prompt tokens + 6 new tokens exceed the model's context of 8 positions" in caplog.text
+
+
+def test_cli_streams_characters_split_across_tokens(quantized_llama, tokenizer, monkeypatch, capsys):
+    """Byte-level tokens of a multi-byte character decode to U+FFFD until the last one: the stream printed
+    '��� caf�' for '日本語 café', and never the characters themselves."""
+    import spqr.cli
+    from spqr.generate import GenerationResult
+
+    text = "日本語 café"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(text)  # some characters take several tokens
+
+    def fake_generate(model, prompt, max_new_tokens, stop_at_eos, on_token, sampling):
+        for token in ids:
+            on_token(token)
+        return GenerationResult(prompt.shape[1], ids, 0.1, 0.1)
+
+    monkeypatch.setattr(spqr.cli, "generate", fake_generate)
+    assert main(["generate", str(quantized_llama[2]), "--prompt", "The"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+    cut = ids[:-1]  # the generation ends in the middle of 'é': what was held back is printed at the end
+    ids[:] = cut
+    assert main(["generate", str(quantized_llama[2]), "--prompt", "The"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(cut) + "\n"
+
+
+def test_generation_stops_at_the_generation_configs_end_of_turn_token(tmp_path, tokenizer):
+    """Chat models list their end-of-turn token in generation_config.json only (Llama-3's <|eot_id|>): it was
+    ignored, and quantized checkpoints did not keep that file."""
+    from spqr.hf import load_model_lazy, save_quantized
+
+    model = make_model("llama")
+    ids = random_windows(1, 5, seed=3)
+    free = generate(model, ids, 6, stop_at_eos=False).tokens
+    end_of_turn = free[2]
+    assert end_of_turn not in free[:2]
+    model.generation_config.eos_token_id = [0, end_of_turn]
+    assert generate(model, ids, 6).tokens == free[:3]
+    model.save_pretrained(tmp_path / "fp")
+    tokenizer.save_pretrained(tmp_path / "fp")
+
+    lazy, _, _ = load_model_lazy(tmp_path / "fp")  # the blocks stay on the meta device; only the config matters
+    assert lazy.generation_config.eos_token_id == [0, end_of_turn]
+    quantize(model, random_windows(4, 16), QuantConfig(wbits=4), progress=False)
+    save_quantized(model, tmp_path / "q", QuantConfig(wbits=4).to_dict())
+    assert json.loads((tmp_path / "q" / "generation_config.json").read_text())["eos_token_id"] == [0, end_of_turn]
+    assert load_quantized(tmp_path / "q").generation_config.eos_token_id == [0, end_of_turn]
+
+
+def test_cli_chat_template_failures_are_named(quantized_llama, tokenizer, tmp_path, capsys):
+    import shutil
+
+    for template, expected in [("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
+                               ("{{ raise_exception('needs a system message') }}", "needs a system message"),
+                               ("{% if false %}x{% endif %}", "made no tokens")]:
+        checkpoint = tmp_path / "ckpt"
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.copytree(quantized_llama[2], checkpoint)
+        (checkpoint / "chat_template.jinja").write_text(template)
+        assert main(["generate", str(checkpoint), "--prompt", "Hello", "--chat"]) == 2, template
+        err = capsys.readouterr().err
+        assert "spqr generate: error: --chat" in err and expected in err and "Traceback" not in err, err
