@@ -18,7 +18,7 @@ import torch
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingConfig, preset
 from spqr.data import DATASETS, DataError, default_split, label, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
-from spqr.format.io import CheckpointError
+from spqr.format.io import CheckpointError, check_output_dir
 from spqr.format.spqr_quant import ConversionError
 from spqr.generate import GenerationError, generate, generate_batch, use_reference
 from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
@@ -139,21 +139,6 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
     return {"dataset": dataset, "split": split, **result.to_dict()}
 
 
-def _check_output_dir(out: Path, model: str | None) -> None:
-    """Refuse an -o path that cannot become the checkpoint directory, before the model is loaded and quantized (these
-    were found out at the end, some as tracebacks)."""
-    resolved = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"-o {out} is a file; give a directory path for the checkpoint")
-    parent = next((p for p in resolved.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"-o {out}: {parent} is a file, so the directory cannot be made")
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or not out.name:
-        raise ConfigError(f"-o {out} is the current directory or one above it; give a new directory")
-    if model is not None and (resolved == Path(model).resolve() or resolved in Path(model).resolve().parents):
-        raise ConfigError(f"-o {out} holds the model being quantized; give another directory")
-
-
 def cmd_quantize(args: argparse.Namespace) -> dict:
     if args.eval:
         _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen", args.dataset,
@@ -175,7 +160,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     if config.needs_hessian:
         load_text(calibration.dataset, calibration.split)  # a bad text file refused before minutes of loading
     out = Path(args.output)
-    _check_output_dir(out, args.model)
+    check_output_dir(out, (args.model,) if args.model else ())  # before minutes of loading and quantizing
     progress_dir = out.parent / f".{out.name}.partial"
     if out.exists() and not args.overwrite:
         if (out / "config.json").is_file():  # a finished run killed before it removed its progress
@@ -344,8 +329,19 @@ def _shape(text: str) -> tuple[int, int]:
     return out, inp
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    return [_shape(v) for v in text.split(",")]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 1,64,512), got {text!r}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
-    from spqr.bench import bench_linear_shape, memory_bandwidth_gbs
+    from spqr.bench import available_memory_bytes, bench_linear_shape, bench_memory_bytes, memory_bandwidth_gbs
     from spqr.kernels import cpu
 
     if args.wbits is not None and not 1 <= args.wbits <= 8:
@@ -356,6 +352,12 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             raise ConfigError(f"{option} must be >= 1, got {min(values)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
+    available = available_memory_bytes() if args.device == "cpu" else None
+    for out, inp in args.shapes if available is not None else ():
+        need = bench_memory_bytes(out, inp, max(args.rows), cold=not args.hot)
+        if need > available:
+            raise ConfigError(f"--shapes {out}x{inp} with {max(args.rows)} rows needs about {need / 2**30:.1f} GiB; "
+                              f"{available / 2**30:.1f} GiB of memory is available")
     if args.model:  # loaded first: a bad path or prompt is reported before minutes of kernel timings
         model, tokenizer = load_model(args.model)
         model = model.to(args.device)
@@ -506,9 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="time the kernels against torch's F.linear, and optionally generation")
-    b.add_argument("--shapes", type=lambda t: [_shape(v) for v in t.split(",")],
+    b.add_argument("--shapes", type=_shapes,
                    default=[(4096, 4096), (11008, 4096), (4096, 11008)], help="OUTxIN list (default: 7B shapes)")
-    b.add_argument("--rows", type=lambda t: [int(v) for v in t.split(",")], default=[1, 64, 512],
+    b.add_argument("--rows", type=_int_list, default=[1, 64, 512],
                    help="input rows per call (default 1,64,512)")
     b.add_argument("--wbits", type=int, default=3, help="weight bits of the synthetic layers (default 3)")
     b.add_argument("--hot", action="store_true", help="matvec with one weight copy (cache-resident when small)")

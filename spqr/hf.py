@@ -89,7 +89,11 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | None = Non
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_dir() and is_quantized_checkpoint(path):
-        return load_quantized(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+        model = load_quantized(path, dtype=dtype)
+        try:
+            return model, AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # a damaged tokenizer_config.json, a missing tokenizer.json, ...
+            raise CheckpointError(f"{path}: cannot load its tokenizer: {type(e).__name__}: {e}") from e
     dtype = dtype or torch.float32
     try:
         if path.is_file():
@@ -479,7 +483,10 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         raise CheckpointError(f"{path}: {e}") from e
     parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
+    cast = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
     tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
+    refuse_non_finite(((n, tensors[n]) for n in cast & parameters), f"{path} (values past the range of {dtype} "
+                      "after the cast: load it in a wider dtype)", CheckpointError)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches between config.json and the stored tensors

@@ -15,10 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spqr.format.io import CheckpointError, atomic_directory, read_config, read_weights, write_weights
+from spqr.format.io import (
+    CheckpointError,
+    atomic_directory,
+    check_output_dir,
+    read_config,
+    read_weights,
+    write_weights,
+)
 from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
-from spqr.hf import load_quantized, save_quantized, set_submodule, unique_state_dict
+from spqr.hf import load_quantized, refuse_non_finite, save_quantized, set_submodule, unique_state_dict
 from spqr.nn import SpQREmbedding, SpQRLinear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -35,6 +42,7 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     """Our checkpoint -> a spqr_quant (transformers quant_method "spqr") directory; ConversionError if a layer
     does not fit that format (every such layer is named)."""
     checkpoint = Path(checkpoint)
+    check_output_dir(out_dir, (checkpoint,))  # before the work, and so that overwriting cannot delete the input
     model = load_quantized(checkpoint, dtype=torch.float16)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SpQRLinear)}
     problems = []
@@ -46,7 +54,9 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     problems += [f"{name}: embeddings read from the quantized head have no spqr_quant equivalent (quantize "
                  "without --quantize-embeddings)" for name, m in model.named_modules() if isinstance(m, SpQREmbedding)]
     if problems:
-        raise ConversionError("\n".join(problems))
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ConversionError(f"{len(problems)} layers cannot be exported to spqr_quant: {'; '.join(problems[:3])}"
+                              f"{more}")
     tensors = {name: t for name, t in unique_state_dict(model).items()
                if name.rpartition(".")[0] not in layers}
     shapes = {}
@@ -61,7 +71,7 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         "quant_method": "spqr", "bits": 3, "beta1": 16, "beta2": 16, "shapes": shapes,
         "modules_to_not_convert": sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)),
     }
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=(checkpoint,)) as tmp:
         write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         _copy_tokenizer(checkpoint, tmp)
@@ -74,6 +84,7 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = Path(source)
+    check_output_dir(out_dir, (source,))  # before the work, and so that overwriting cannot delete the input
     raw = read_config(source)
     qc = raw.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "spqr":
@@ -83,10 +94,14 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
         raise CheckpointError(f"{source}: only bits=3, beta1=beta2=16 exist in spqr_quant, got "
                               f"{qc.get('bits')}, {qc.get('beta1')}, {qc.get('beta2')}")
     tensors = read_weights(source, None)
-    config = AutoConfig.from_pretrained(source)
-    del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        del config.quantization_config
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    except Exception as e:  # transformers raises many types for a bad model config
+        raise CheckpointError(f"{source}: config.json does not describe a model transformers can build: "
+                              f"{type(e).__name__}: {e}") from e
     names = sorted({k.rpartition(".")[0] for k in tensors if k.endswith(".dense_weights")})
     if not names:
         raise CheckpointError(f"{source}: no quantized layers (no *.dense_weights tensors)")
@@ -100,15 +115,32 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
         parts = {key: tensors.pop(f"{name}.{key}", None) for key in ("dense_weights", "row_offsets", "col_vals",
                                                                        "in_perm")}
         packed = import_layer(parts, linear.out_features, linear.in_features, name)
-        set_submodule(model, name, SpQRLinear.from_packed(packed))
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        try:
+            set_submodule(model, name, SpQRLinear.from_packed(packed, name))  # checks indices and values
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from e
+    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(source), CheckpointError)
+    bad_dtypes = [n for n in parameters & tensors.keys() if not tensors[n].is_floating_point()]
+    if bad_dtypes:
+        raise CheckpointError(f"{source}: tensors {sorted(bad_dtypes)[:5]} are not floating point")
+    try:
+        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches between config.json and the stored tensors
+        raise CheckpointError(f"{source}: stored tensors do not fit the model described by config.json: {e}") from e
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]}")
     model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise CheckpointError(f"{source}: tensors missing from the checkpoint: {still_empty[:5]}")
     recipe = {"wbits": 3, "beta1": 16, "beta2": 16, "qq_bits": 3, "imported_from": "spqr_quant"}
     tokenizer = None
     if (source / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:  # a damaged tokenizer_config.json, a missing tokenizer.json, ...
+            raise CheckpointError(f"{source}: cannot load its tokenizer: {type(e).__name__}: {e}") from e
     return save_quantized(model.eval(), out_dir, recipe, tokenizer=tokenizer, overwrite=overwrite)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from spqr import kernels
+from spqr.data import is_integer_tensor
 from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows, validate_layer
 
 
@@ -67,8 +68,8 @@ class SpQRLinear(nn.Module):
         return self
 
     @classmethod
-    def from_packed(cls, packed: PackedLinear) -> SpQRLinear:
-        return cls(packed.spec, packed.tensors)
+    def from_packed(cls, packed: PackedLinear, name: str | None = None) -> SpQRLinear:
+        return cls(packed.spec, packed.tensors, name)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         tensors = dict(self.named_buffers(recurse=False))
@@ -173,6 +174,8 @@ class SpQREmbedding(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not is_integer_tensor(input_ids):
+            raise TypeError(f"token ids must be an integer tensor, got {input_ids.dtype} (nn.Embedding refuses it too)")
         ids, inverse = torch.unique(input_ids, return_inverse=True)
         if len(ids) and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_embeddings):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(ids[0])}..{int(ids[-1])}")

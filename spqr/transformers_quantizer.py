@@ -13,6 +13,7 @@ as `spqr.load_quantized` does.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,13 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from spqr.format.accounting import read_safetensors_header
 from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
 from spqr.format.layout import LayerSpec, validate_layer
 from spqr.hf import attach_quantized_embeddings, module_entry, refuse_non_finite, set_submodule
 from spqr.nn import SpQRLinear
+
+SAFETENSORS_DTYPES = {torch.int32: "I32", torch.int16: "I16", torch.float16: "F16", torch.float32: "F32"}
 
 
 @register_quantization_config(FORMAT_NAME)
@@ -56,8 +60,11 @@ class SpQRPackedQuantizer(HfQuantizer):
                              f"version {FORMAT_VERSION}: load it with spqr.load_quantized(DIR), which converts "
                              "older versions, and save it again with spqr.save_quantized")
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> None:
         self._specs: dict[str, LayerSpec] = {}
+        if not isinstance(self.quantization_config.modules, dict) or not self.quantization_config.modules:
+            raise ValueError("the checkpoint's quantization_config has no 'modules' table")
         for name, entry in self.quantization_config.modules.items():
             try:
                 spec, outliers = module_entry(model, name, entry)
@@ -75,6 +82,35 @@ class SpQRPackedQuantizer(HfQuantizer):
         embeddings = getattr(self.quantization_config, "quantized_embeddings", {})
         if embeddings:
             attach_quantized_embeddings(model, embeddings, model.get_input_embeddings().weight.dtype)
+        if checkpoint_files:
+            self._check_stored_tensors(model, checkpoint_files)
+
+    def _check_stored_tensors(self, model: nn.Module, checkpoint_files: list[str]) -> None:
+        """Refuse a checkpoint whose files lack a tensor of the model or hold packed tensors the config does not
+        describe: transformers would fill a missing one with uninitialized memory or random values, and ignore an
+        unexpected one, with only a warning (a garbage model)."""
+        header: dict[str, dict] = {}
+        for file in checkpoint_files:
+            if str(file).endswith(".safetensors"):
+                header.update(read_safetensors_header(Path(file))[1])
+        header.pop("__metadata__", None)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in model.state_dict() if key not in header and key not in tied]
+        if missing:
+            raise ValueError(f"tensors missing from the checkpoint: {missing[:5]}")
+        for name, spec in self._specs.items():
+            expected = spec.expected_tensors()
+            stored = {key.removeprefix(name + "."): info for key, info in header.items()
+                      if key.startswith(name + ".") and "." not in key.removeprefix(name + ".")}
+            unexpected = sorted(stored.keys() - expected.keys())
+            if unexpected:
+                raise ValueError(f"{name}: the checkpoint holds tensors {unexpected} that its config.json entry does "
+                                 "not describe")
+            wrong = [key for key, (_, dtype) in expected.items()
+                     if key != "bias" and stored[key]["dtype"] != SAFETENSORS_DTYPES[dtype]]
+            if wrong:
+                raise ValueError(f"{name}: tensors {wrong} are stored as {[stored[k]['dtype'] for k in wrong]}, "
+                                 f"expected {[SAFETENSORS_DTYPES[expected[k][1]] for k in wrong]}")
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self._specs.items():

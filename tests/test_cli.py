@@ -299,7 +299,7 @@ def test_output_paths_and_skips_that_cannot_work_are_refused_before_quantizing(m
         (["-o", "afile", "--overwrite"], "is a file; give a directory path"),
         (["-o", "afile/sub"], "afile is a file, so the directory cannot be made"),
         (["-o", ".", "--overwrite"], "is the current directory or one above it"),
-        (["-o", model, "--overwrite"], "holds the model being quantized"),
+        (["-o", model, "--overwrite"], "holds the input"),
         (["-o", "out", "--skip", *every_linear], "skip names every Linear of the decoder blocks"),
     ]
     for extra, expected in cases:

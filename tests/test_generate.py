@@ -336,6 +336,12 @@ def test_cli_bench(tmp_path, capsys):
         capsys.readouterr()
         assert main(["bench", "--shapes", "16x16", *bad]) == 2
         assert f"{bad[0]} must be >= 1" in capsys.readouterr().err
+    # a shape that cannot fit in memory is refused before the bandwidth test and the earlier shapes run (it was an
+    # allocator traceback after them)
+    assert main(["bench", "--shapes", "16x16,100000000x100000000"]) == 2
+    assert "--shapes 100000000x100000000 with 512 rows needs about" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "16x16", "--rows", "100000000000"]) == 2
+    assert "GiB of memory is available" in capsys.readouterr().err
 
 
 def test_cli_bench_generation(quantized_llama, tmp_path, capsys):

@@ -413,3 +413,9 @@ def test_a_nan_in_the_recipe_is_refused(quantized_llama, tmp_path):
     with pytest.raises(ValueError, match=r"NaN at \['calibration\.extra\[1\]'\]"):
         save_quantized(quantized, tmp_path / "out", {"wbits": 3, "calibration": {"extra": [1.0, float("nan")]}})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoints_damaged_tokenizer_is_named(ckpt_copy):
+    (ckpt_copy / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="cannot load its tokenizer"):
+        load_model(ckpt_copy)

@@ -10,7 +10,7 @@ import torch
 
 from spqr.cli import main
 from spqr.config import QuantConfig, preset
-from spqr.format.io import read_weights
+from spqr.format.io import CheckpointError, read_weights
 from spqr.format.spqr_quant import ConversionError, export_layer, import_layer
 from spqr.format.synthetic import random_packed_layer
 from spqr.hf import load_quantized, save_quantized
@@ -145,3 +145,98 @@ def test_embeddings_read_from_the_head_are_refused(tmp_path):
     with pytest.raises(ConversionError, match="model.embed_tokens: embeddings read from the quantized head"):
         export_spqr_quant(tmp_path / "ours", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_paths_that_would_delete_the_input_are_refused(exportable_checkpoint, tmp_path, capsys, monkeypatch):
+    """`spqr export CK -o CK --overwrite` replaced the input; `-o` the directory holding it deleted it and its
+    neighbours; `-o .` failed with an OSError traceback."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(exportable_checkpoint, work / "ours")
+    assert main(["export", str(work / "ours"), "-o", str(work / "theirs")]) == 0
+    monkeypatch.chdir(work)
+    cases = [
+        (["export", "ours", "-o", "ours", "--overwrite"], "holds the input"),
+        (["export", "ours", "-o", str(work), "--overwrite"], "is the current directory or one above it"),
+        (["export", "ours", "-o", ".", "--overwrite"], "is the current directory or one above it"),
+        (["import", "theirs", "-o", "theirs", "--overwrite"], "holds the input"),
+        (["import", "theirs", "-o", "..", "--overwrite"], "is the current directory or one above it"),
+        (["import", "theirs", "-o", "theirs/config.json/x"], "is a file, so the directory cannot be made"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (argv, err)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(work / "ours"), "-o", str(work), "--overwrite"]) == 2  # would delete it and theirs
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["ours", "theirs"]
+    assert load_quantized(work / "ours") is not None
+
+
+def _damage(directory, edit) -> None:
+    from spqr.format.io import write_weights
+
+    tensors = read_weights(directory, None)
+    edit(tensors)
+    write_weights(directory, tensors)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t["model.layers.0.mlp.up_proj.col_vals"].__ior__(0xFFFF), "model.layers.0.mlp.up_proj: outlier_col"),
+    (lambda t: t["model.layers.0.mlp.up_proj.in_perm"].zero_(), "model.layers.0.mlp.up_proj: perm is not"),
+    (lambda t: t.pop("model.norm.weight"), r"tensors missing from the checkpoint: \['model\.norm\.weight'\]"),
+    (lambda t: t.update({"model.embed_tokens.weight": torch.zeros(10, 64, dtype=torch.float16)}),
+     "do not fit the model described by config.json"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}), "are not floating point"),
+    (lambda t: t["model.norm.weight"].fill_(float("nan")), r"weights contain NaN or Inf: model\.norm\.weight"),
+])
+def test_import_names_damaged_checkpoints(exportable_checkpoint, tmp_path, damage, message):
+    """Each was a traceback from deep inside (or, NaN weights, a checkpoint that then failed to load)."""
+    authors = export_spqr_quant(exportable_checkpoint, tmp_path / "authors")
+    _damage(authors, damage)
+    with pytest.raises(CheckpointError, match=message):
+        import_spqr_quant(authors, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+def test_import_names_a_bad_config_or_tokenizer(exportable_checkpoint, tmp_path):
+    authors = export_spqr_quant(exportable_checkpoint, tmp_path / "authors")
+    (authors / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="cannot load its tokenizer"):
+        import_spqr_quant(authors, tmp_path / "back")
+    config = json.loads((authors / "config.json").read_text())
+    (authors / "config.json").write_text(json.dumps({**config, "model_type": "bogus"}))
+    with pytest.raises(CheckpointError, match="does not describe a model transformers can build"):
+        import_spqr_quant(authors, tmp_path / "back")
+
+
+def test_export_refusals_are_one_line(tmp_path):
+    from tests.helpers import make_model, random_windows
+
+    model = make_model("llama")
+    quantize(model, random_windows(2, 16), preset("rtn"), progress=False)
+    save_quantized(model, tmp_path / "rtn", preset("rtn").to_dict())
+    with pytest.raises(ConversionError) as info:
+        export_spqr_quant(tmp_path / "rtn", tmp_path / "out")
+    assert "\n" not in str(info.value) and str(info.value).startswith("14 layers cannot be exported")
+    assert "and 11 more" in str(info.value)
+
+
+def test_export_refuses_weights_past_the_range_of_float16(exportable_checkpoint, tmp_path):
+    """They became inf in the fp16 export (and in load_quantized(dtype=float16)) without a word."""
+    import shutil
+
+    from spqr.format.io import write_weights
+
+    shutil.copytree(exportable_checkpoint, tmp_path / "ours")
+    tensors = read_weights(tmp_path / "ours", None)
+    tensors["model.norm.weight"][0] = 1e6
+    checksums = write_weights(tmp_path / "ours", tensors)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    config["quantization_config"]["checksums"] = checksums
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    assert load_quantized(tmp_path / "ours") is not None  # fine in its stored fp32
+    with pytest.raises(CheckpointError, match=r"past the range of torch\.float16 .*model\.norm\.weight"):
+        export_spqr_quant(tmp_path / "ours", tmp_path / "out")

@@ -381,6 +381,11 @@ def test_quantize_embeddings_reads_the_tied_head(tmp_path):
     ids = random_windows(2, 20, seed=5)
     decoded = model.lm_head.dequantize()
     assert torch.equal(embeddings(ids), decoded[ids])
+    for bad in (ids.float(), ids.bool()):  # 1.7 was read as token 1
+        with pytest.raises(TypeError, match="token ids must be an integer tensor"):
+            embeddings(bad)
+    with pytest.raises(IndexError, match="token ids must be in"):
+        embeddings(torch.tensor([[-1, 2]]))
     # the same as the original architecture with the decoded head as its (tied) embedding matrix
     dense = _dense_copy("qwen2", model)
     dense.get_input_embeddings().weight.data.copy_(decoded)

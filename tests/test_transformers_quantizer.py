@@ -100,3 +100,39 @@ def test_non_finite_weights_are_refused_as_by_our_loader(quantized_llama, tmp_pa
         AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
         spqr.load_quantized(path, verify_checksum=False)
+
+
+def _drop_tensor(name):
+    def edit(path):
+        tensors = read_weights(path, None)
+        del tensors[name]
+        write_weights(path, tensors)
+    return edit
+
+
+def _retype_tensor(name, dtype):
+    def edit(path):
+        tensors = read_weights(path, None)
+        tensors[name] = tensors[name].to(dtype)
+        write_weights(path, tensors)
+    return edit
+
+
+UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_drop_tensor(f"{UP}.qweight"), rf"tensors missing from the checkpoint: \['{UP}\.qweight'\]"),
+    (_drop_tensor("model.norm.weight"), r"tensors missing from the checkpoint: \['model\.norm\.weight'\]"),
+    (lambda path: _edit(path, lambda qc: qc["modules"].pop(UP)), rf"\['{UP}\.weight'\]"),
+    (lambda path: _edit(path, lambda qc: qc["modules"][UP].update(has_perm=False)), r"holds tensors \['perm'\]"),
+    (lambda path: _edit(path, lambda qc: qc.update(modules=[1, 2])), "no 'modules' table"),
+    (_retype_tensor(f"{UP}.qweight", torch.int64), r"tensors \['qweight'\] are stored as \['I64'\]"),
+])
+def test_damaged_checkpoints_are_refused_not_loaded_as_garbage(quantized_llama, tmp_path, damage, message):
+    """transformers filled missing tensors with uninitialized memory or random values and ignored unexpected ones,
+    with a warning only: logits off by 0.65-0.87, or random dense layers."""
+    path = _copy(quantized_llama[2], tmp_path)
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(path)

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 from spqr.format.io import WEIGHTS_NAME, CheckpointError, read_config, read_quantization_config
+from spqr.format.layout import LayerSpec
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -56,6 +57,24 @@ def checkpoint_accounting(directory: str | Path) -> dict:
                               f"({type(e).__name__}: {e})") from e
 
 
+def _stored_layer_spec(name: str, entry: object, header: dict, path: Path) -> LayerSpec:
+    """The LayerSpec of one `modules` entry, its tensors checked to be in the file with the shapes it implies."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"config.json entry for module {name} is not an object")
+    try:
+        spec = LayerSpec(**{k: v for k, v in entry.items() if k != "outliers"})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json entry for module {name} is invalid: {e}") from e
+    for key, (shape, _) in spec.expected_tensors().items():
+        info = header.get(f"{name}.{key}")
+        if info is None:
+            raise CheckpointError(f"{path}: tensor {name}.{key} is missing")
+        if (tuple(info["shape"]) != shape) if shape is not None else len(info["shape"]) != 1:
+            raise CheckpointError(f"{path}: tensor {name}.{key} has shape {info['shape']}, the layer's spec "
+                                  f"implies {list(shape) if shape else 'a 1-D tensor'}")
+    return spec
+
+
 def _accounting(directory: Path) -> dict:
     qc = read_quantization_config(read_config(directory), directory)
     path = directory / WEIGHTS_NAME
@@ -74,17 +93,23 @@ def _accounting(directory: Path) -> dict:
         raise CheckpointError(f"{path}: header ({header_bytes} B) + tensors ({sum(tensor_bytes.values())} B) "
                               f"!= file size ({file_bytes} B)")
 
+    modules = qc.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{directory}: quantization_config has no 'modules' table")
     layers = []
-    for name, spec in qc["modules"].items():
+    for name, entry in modules.items():
+        spec = _stored_layer_spec(name, entry, header, path)
         keys = [k for k in tensor_bytes if k.startswith(name + ".") and k != f"{name}.bias"
                 and "." not in k[len(name) + 1:]]
         parts = {k[len(name) + 1:]: tensor_bytes[k] * 8 for k in keys}
-        weights = spec["in_features"] * spec["out_features"]
-        outliers = elements.get(f"{name}.outlier_val", 0)
+        weights = spec.in_features * spec.out_features
+        outliers = elements[f"{name}.outlier_val"]
         layers.append({
-            "name": name, "out_features": spec["out_features"], "in_features": spec["in_features"],
+            "name": name, "out_features": spec.out_features, "in_features": spec.in_features,
             "bits": sum(parts.values()), "avg_bits": sum(parts.values()) / weights,
             "outliers": outliers, "outlier_share": outliers / weights,
+            "paper_formula_bits": paper_formula_bits(spec.wbits, spec.beta1, spec.beta2, spec.qq_bits,
+                                                     outliers / weights, 32 if spec.stats_dtype == "float32" else 16),
             "parts_bits": parts,
         })
     quantized_weights = sum(layer["out_features"] * layer["in_features"] for layer in layers)
@@ -102,8 +127,9 @@ def _accounting(directory: Path) -> dict:
         "quantized_weights": quantized_weights,
         "avg_bits": quantized_bits / max(quantized_weights, 1),
         "avg_bits_by_part": {k: v / max(quantized_weights, 1) for k, v in sorted(parts_total.items())},
-        "paper_formula_bits": paper_formula_bits(qc["wbits"], qc["beta1"], qc["beta2"], qc["qq_bits"], share,
-                                                 32 if qc.get("stats_dtype") == "float32" else 16),
+        # each layer by its own recipe (a head quantized with --head-wbits has other bits than the blocks)
+        "paper_formula_bits": sum(layer["paper_formula_bits"] * layer["out_features"] * layer["in_features"]
+                                  for layer in layers) / quantized_weights,
         "outliers": outliers,
         "outlier_share": share,
         "file_bytes": file_bytes,

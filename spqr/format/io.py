@@ -30,14 +30,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete, corrupt or of an unsupported version."""
 
 
+def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse an output path that cannot become a checkpoint directory, or whose replacement would delete the
+    inputs or the current directory (ConfigError): a file, a path under a file, the current directory or one
+    above it, an input itself or a directory holding an input."""
+    from spqr.config import ConfigError
+
+    out = Path(out_dir)
+    resolved = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} is a file; give a directory path for the checkpoint")
+    parent = next((p for p in resolved.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"output path {out}: {parent} is a file, so the directory cannot be made")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or not out.name:
+        raise ConfigError(f"output path {out} is the current directory or one above it; give a new directory")
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise ConfigError(f"output path {out} holds the input {source}; give another directory")
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out_dir` when the block finishes without error."""
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
+                     inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out_dir` when the block finishes without error.
+
+    inputs: the paths the contents are read from, which `out_dir` must neither be nor hold."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    check_output_dir(out_dir, inputs)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; choose another path or pass overwrite")
+        raise FileExistsError(f"output directory {out_dir} already exists; choose another path, or overwrite it "
+                              "(--overwrite, overwrite=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

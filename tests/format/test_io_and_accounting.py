@@ -259,14 +259,24 @@ def _edit_quantization_config(directory, edit) -> None:
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), "truncated or not a safetensors file"),
     (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
-    (lambda d: _edit_quantization_config(d, lambda qc: qc.update(modules=[1, 2])), "malformed"),
+    (lambda d: _edit_quantization_config(d, lambda qc: qc.update(modules=[1, 2])), "no 'modules' table"),
+    (lambda d: _edit_quantization_config(d, lambda qc: qc.update(modules={})), "no 'modules' table"),
     (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).pop("in_features")),
-     "malformed .*in_features"),
-    (lambda d: _edit_quantization_config(d, lambda qc: qc.pop("wbits")), "malformed .*wbits"),
+     "entry for module .* is invalid: .*in_features"),
+    (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).update(in_features=0)),
+     "entry for module .* is invalid: .*in_features"),
+    (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).update(beta1=0)),
+     "entry for module .* is invalid: .*beta1"),
+    (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).update(in_features=-64)),
+     "entry for module .* is invalid: .*in_features"),
+    (lambda d: _edit_quantization_config(d, lambda qc: next(iter(qc["modules"].values())).update(in_features=128)),
+     r"qweight has shape .* the layer's spec implies"),
+    (lambda d: _edit_quantization_config(d, lambda qc: qc["modules"].update({"model.nope": next(
+        iter(qc["modules"].values()))})), r"tensor model\.nope\.qweight is missing"),
 ])
 def test_accounting_names_damaged_checkpoints(quantized_llama, tmp_path, damage, message):
-    """spqr info met these with a MemoryError (garbage read as a header length), FileNotFoundError, AttributeError
-    or KeyError."""
+    """spqr info met these with a MemoryError (garbage read as a header length), FileNotFoundError, AttributeError,
+    KeyError or ZeroDivisionError, or printed wrong numbers (a negative or unknown layer, no layers at all)."""
     import shutil
 
     dst = tmp_path / "c"
@@ -344,3 +354,23 @@ def test_deferred_interrupt_holds_ctrl_c_until_the_block_ends():
             pass
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_the_paper_formula_takes_each_layers_own_recipe(tmp_path):
+    """A head quantized with --head-wbits 5 was counted at the blocks' 3 bits."""
+    import dataclasses
+
+    from spqr.config import QuantConfig
+    from spqr.hf import save_quantized
+    from spqr.pipeline import quantize
+    from tests.helpers import make_model, random_windows
+
+    config = QuantConfig(wbits=3, outlier_threshold=0.1)
+    model = make_model("llama")
+    quantize(model, random_windows(6, 16), config, quantize_head=dataclasses.replace(config, wbits=5), progress=False)
+    save_quantized(model, tmp_path / "q", config.to_dict())
+    acc = checkpoint_accounting(tmp_path / "q")
+    expected = sum((5 if layer["name"] == "lm_head" else 3) * layer["out_features"] * layer["in_features"]
+                   + 32 * layer["outliers"] for layer in acc["layers"]) / acc["quantized_weights"]
+    assert acc["paper_formula_bits"] == pytest.approx(expected + 2 * 3 / 16 + 64 / 256)
+    assert any(layer["name"] == "lm_head" for layer in acc["layers"])
