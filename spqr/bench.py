@@ -47,16 +47,26 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=64 * 2**20)
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the OS can give this process now (Linux MemAvailable); None where unknown."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a Linux /proc file, in bytes; None elsewhere."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give this process now (Linux MemAvailable); None where unknown."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def peak_rss_bytes() -> int | None:
+    """High-water mark of this process's resident memory (Linux VmHWM); None where unknown."""
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def bench_memory_bytes(out_features: int, in_features: int, rows: int, cold: bool = True) -> int:

@@ -15,6 +15,13 @@ from pathlib import Path
 
 import torch
 
+from spqr.bench import (
+    available_memory_bytes,
+    bench_linear_shape,
+    bench_memory_bytes,
+    memory_bandwidth_gbs,
+    peak_rss_bytes,
+)
 from spqr.config import CalibrationConfig, ConfigError, QuantConfig, SamplingConfig, preset
 from spqr.data import DATASETS, DataError, default_split, label, load_text, tokenize
 from spqr.format.accounting import checkpoint_accounting
@@ -55,18 +62,6 @@ def _threshold(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'inf', got {text!r}") from None
-
-
-def peak_rss_bytes() -> int | None:
-    """High-water mark of this process's resident memory (Linux VmHWM; None elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _json_safe(value: object) -> object:
@@ -341,7 +336,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    from spqr.bench import available_memory_bytes, bench_linear_shape, bench_memory_bytes, memory_bandwidth_gbs
     from spqr.kernels import cpu
 
     if args.wbits is not None and not 1 <= args.wbits <= 8:

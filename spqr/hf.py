@@ -409,6 +409,34 @@ def refuse_save_pretrained(model: nn.Module) -> None:
     model.save_pretrained = _save_pretrained_refused
 
 
+def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    """Put a checkpoint's unquantized tensors (embeddings, norms, lm_head) into a model built on the meta device,
+    copied (nothing keeps the file mapped) with floating-point ones cast to dtype, and tie its weights.
+
+    CheckpointError names what does not fit: NaN/Inf (or values past dtype's range after the cast), an integer
+    tensor for a parameter, a shape config.json does not give, a tensor the model does not have, or one it has
+    that the checkpoint lacks."""
+    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
+    not_floating = sorted(n for n in parameters & tensors.keys() if not tensors[n].is_floating_point())
+    if not_floating:
+        raise CheckpointError(f"{path}: tensors {not_floating[:5]} are not floating point")
+    cast = {n for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
+    tensors = {n: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for n, t in tensors.items()}
+    refuse_non_finite(((n, tensors[n]) for n in cast & parameters), f"{path} (values past the range of {dtype} "
+                      "after the cast: load it in a wider dtype)", CheckpointError)
+    try:
+        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches between config.json and the stored tensors
+        raise CheckpointError(f"{path}: stored tensors do not fit the model described by config.json: {e}") from e
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
+
+
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
                    ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
@@ -481,23 +509,8 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         attach_quantized_embeddings(model, qc.get("quantized_embeddings", {}), dtype)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(path), CheckpointError)
-    cast = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
-    tensors = {k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in tensors.items()}
-    refuse_non_finite(((n, tensors[n]) for n in cast & parameters), f"{path} (values past the range of {dtype} "
-                      "after the cast: load it in a wider dtype)", CheckpointError)
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches between config.json and the stored tensors
-        raise CheckpointError(f"{path}: stored tensors do not fit the model described by config.json: {e}") from e
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
+    assign_dense_tensors(model, tensors, path, dtype)
     read_generation_config(model, path, CheckpointError)
-    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if still_empty:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
     model.eval()
     refuse_save_pretrained(model)
     release_freed_memory()  # the file's tensors, copied out and freed: 0-4 MiB of SmolLM2's ~80 otherwise

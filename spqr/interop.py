@@ -25,7 +25,7 @@ from spqr.format.io import (
 )
 from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
-from spqr.hf import load_quantized, refuse_non_finite, save_quantized, set_submodule, unique_state_dict
+from spqr.hf import assign_dense_tensors, load_quantized, save_quantized, set_submodule, unique_state_dict
 from spqr.nn import SpQREmbedding, SpQRLinear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -119,21 +119,7 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
             set_submodule(model, name, SpQRLinear.from_packed(packed, name))  # checks indices and values
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from e
-    parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    refuse_non_finite(((n, t) for n, t in tensors.items() if n in parameters), str(source), CheckpointError)
-    bad_dtypes = [n for n in parameters & tensors.keys() if not tensors[n].is_floating_point()]
-    if bad_dtypes:
-        raise CheckpointError(f"{source}: tensors {sorted(bad_dtypes)[:5]} are not floating point")
-    try:
-        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches between config.json and the stored tensors
-        raise CheckpointError(f"{source}: stored tensors do not fit the model described by config.json: {e}") from e
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
-    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if still_empty:
-        raise CheckpointError(f"{source}: tensors missing from the checkpoint: {still_empty[:5]}")
+    assign_dense_tensors(model, tensors, source, torch.float16)
     recipe = {"wbits": 3, "beta1": 16, "beta2": 16, "qq_bits": 3, "imported_from": "spqr_quant"}
     tokenizer = None
     if (source / "tokenizer_config.json").is_file():
