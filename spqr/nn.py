@@ -6,10 +6,23 @@ import mmap
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from spqr import kernels
 from spqr.data import is_integer_tensor
 from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows, validate_layer
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# a fast gate (~0.1 us) before the per-device autocast query (~0.5-1 us of a ~16 us layer call), where torch has it
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _transformed(x: torch.Tensor) -> bool:
+    """x is wrapped by a torch.func transform (vmap, grad, jvp) or carries a forward-mode tangent: the C kernels
+    cannot read a wrapper's data and the op has no forward-mode derivative, while F.linear on the decoded W
+    supports both (so these take the reference path)."""
+    return _is_functorch_wrapped(x) or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent
+                                        is not None)
 
 
 class SpQRLinear(nn.Module):
@@ -85,13 +98,19 @@ class SpQRLinear(nn.Module):
         if self.use_reference:
             y = kernels.reference_linear(self.spec, self._buffers, x)
         elif (type(x) is torch.Tensor and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling()):
-            # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call);
-            # tracing, torch.compile, other devices and inputs that need a gradient go through the registered op
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not _is_functorch_wrapped(x) and forward_ad._current_level < 0):
+            # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call); tracing,
+            # torch.compile, other devices and inputs that need a gradient go through the registered op
             y = kernels.cpu_linear(self.spec, self._buffers, x, cache=self._kernel_cache)
+        elif not torch.compiler.is_compiling() and _transformed(x):
+            y = kernels.reference_linear(self.spec, self._buffers, x)
         else:
             y = kernels.linear(self.spec, self._buffers, x)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = y if self.bias is None else y + self.bias.to(x.dtype)
+        if _any_autocast() and torch.is_autocast_enabled(x.device.type):  # computed in fp32 (or x's dtype), returned
+            y = y.to(torch.get_autocast_dtype(x.device.type))           # in the autocast dtype, as by nn.Linear
+        return y
 
     def extra_repr(self) -> str:
         s = self.spec

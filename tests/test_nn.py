@@ -183,3 +183,52 @@ def test_placed_layers_save_pickle_and_copy_their_own_bytes(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "state.pt"))
     assert torch.equal(restored(x), expected)
     assert torch.equal(copy.deepcopy(model)(x), expected)
+
+
+def _layer_and_dense() -> tuple[SpQRLinear, nn.Linear]:
+    layer = SpQRLinear.from_packed(random_packed_layer(48, 64, perm=True, bias=True, outlier_share=0.02, seed=6))
+    dense = nn.Linear(64, 48)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dequantize())
+        dense.bias.copy_(layer.bias)
+    return layer, dense
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, still used
+@pytest.mark.parametrize("rows", [1, 20])
+def test_jit_trace_records_the_op(rows):
+    """The trace took the C kernels' fast path, whose call it cannot see: the traced graph returned empty memory
+    (errors up to 1e23)."""
+    layer, dense = _layer_and_dense()
+    x = torch.randn(rows, 64)
+    traced = torch.jit.trace(layer, x)
+    assert "spqr::linear" in str(traced.graph)
+    other = torch.randn(rows, 64)
+    torch.testing.assert_close(traced(other), dense(other), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_and_torch_func_transforms_work_as_for_nn_linear():
+    """Forward-mode AD dropped the tangent silently; vmap / jvp / grad failed inside the kernels' call."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call, grad, jvp, vmap
+
+    layer, dense = _layer_and_dense()
+    x, v = torch.randn(3, 64), torch.randn(3, 64)
+    with fwad.dual_level():
+        out = layer(fwad.make_dual(x, v))
+        torch.testing.assert_close(fwad.unpack_dual(out).tangent, v @ dense.weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vmap(layer)(x), dense(x), rtol=1e-5, atol=1e-5)
+    _, tangent = jvp(layer, (x,), (v,))
+    torch.testing.assert_close(tangent, v @ dense.weight.T, rtol=1e-5, atol=1e-5)
+    g = grad(lambda inp: layer(inp).square().sum())(x)
+    torch.testing.assert_close(g, grad(lambda inp: functional_call(dense, dict(dense.named_parameters()), inp)
+                                       .square().sum())(x), rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_gives_the_dtype_nn_linear_gives():
+    layer, dense = _layer_and_dense()
+    x = torch.randn(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), dense(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

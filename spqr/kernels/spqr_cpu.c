@@ -44,6 +44,20 @@ void workspace_release(workspace ws) {
     else free(ws.ptr);
 }
 
+/* A fork while another thread holds the workspace leaves the child with the lock taken by a thread it does not
+   have: spqr_release_workspace would wait forever. The child starts with a fresh lock and no shared workspace
+   (the parent's stays allocated in the child's copy of memory, unused). */
+static void workspace_reset_in_child(void) {
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    shared_workspace_lock = fresh;
+    shared_workspace = NULL;
+    shared_workspace_bytes = 0;
+}
+
+__attribute__((constructor)) static void workspace_register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, workspace_reset_in_child);
+}
+
 /* Frees the kept workspace (e.g. after a long prompt). */
 void spqr_release_workspace(void) {
     pthread_mutex_lock(&shared_workspace_lock);

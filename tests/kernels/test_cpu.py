@@ -368,3 +368,45 @@ def test_eager_module_calls_equal_the_op_and_fake_inputs_go_through_the_op():
         assert layer(x).dtype == x.dtype and torch.equal(layer(x), expected)
     with FakeTensorMode(allow_non_fake_inputs=True):
         assert layer(torch.empty(5, 64)).shape == (5, 40)
+
+
+def test_a_fork_while_another_thread_holds_the_workspace_leaves_the_child_a_usable_one():
+    """The child inherited the workspace lock taken by a thread it does not have: release_workspace hung (3 forks in
+    20 of a loop of calls). A fork handler gives the child a fresh lock."""
+    import os
+    import threading
+    import time
+
+    native = cpu.load()
+    if native is None:
+        pytest.fail("the native CPU kernels did not build on this machine")
+    layer = random_packed_layer(4096, 4096, seed=0)
+    x = torch.randn(1, 4096)
+    stop = threading.Event()
+
+    def busy() -> None:  # the workspace is held for most of each ~0.5 ms call
+        while not stop.is_set():
+            native.matmul(layer.spec, layer.tensors, x)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    hung = 0
+    try:
+        for _ in range(12):
+            time.sleep(0.003)
+            pid = os.fork()
+            if pid == 0:
+                native.release_workspace()
+                os._exit(0)
+            deadline = time.monotonic() + 10
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    hung += 1
+                    break
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        worker.join()
+    assert hung == 0, f"{hung} of 12 forked children hung in release_workspace"
