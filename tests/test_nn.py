@@ -207,6 +207,7 @@ def test_jit_trace_records_the_op(rows):
     torch.testing.assert_close(traced(other), dense(other), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func's jvp scripts a helper with torch.jit
 def test_forward_mode_and_torch_func_transforms_work_as_for_nn_linear():
     """Forward-mode AD dropped the tangent silently; vmap / jvp / grad failed inside the kernels' call."""
     import torch.autograd.forward_ad as fwad
