@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -326,6 +327,27 @@ def _warn_about_weights_outside_linears(blocks_name: str, blocks: nn.ModuleList)
                     "spqr quantizes Linear layers only", count, ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
 
 
+def _computes_as_linear(linear: nn.Linear, name: str, warned: set[str]) -> bool:
+    """Whether a block's nn.Linear can become an SpQRLinear: nn.Linear itself, or a subclass whose own forward
+    still returns x·Wᵀ + b (falcon's FalconLinear) — checked on a random input. Subclasses that compute something
+    else (phimoe's and llama4's routers return tuples; grouped projections) keep their weights, with a warning."""
+    if type(linear).forward is nn.Linear.forward:
+        return True
+    x = torch.randn(2, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight)
+    try:
+        with torch.no_grad():
+            y = linear(x)
+        same = isinstance(y, torch.Tensor) and torch.allclose(y, F.linear(x, linear.weight, linear.bias),
+                                                             rtol=1e-3, atol=1e-5)
+    except Exception:  # a forward that needs other arguments or shapes
+        same = False
+    if not same and type(linear).__name__ not in warned:  # said once per class
+        warned.add(type(linear).__name__)
+        log.warning("spqr: %s (%s) subclasses nn.Linear with a forward that does not compute x·Wᵀ + b: kept in full "
+                    "precision (and every other %s)", name, type(linear).__name__, type(linear).__name__)
+    return same
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether the Linear `name` (full module name) is one of `skip`: a full name or a dotted suffix."""
     return any(name == s or name.endswith("." + s) for s in skip)
@@ -465,6 +487,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                       in zip(store.load_activations(first_block, offload_activations), inputs)]
 
     as_tuple = False  # whether the blocks return tuples (older transformers) or tensors
+    warned: set[str] = set()  # Linears kept in full precision and already named in a warning
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
                initial=first_block, total=len(blocks))
     for index, block in bar:
@@ -474,6 +497,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         for name, linear in linears.items():
             if not bool(torch.isfinite(linear.weight).all()):
                 raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")
+        linears = {name: m for name, m in linears.items() if _computes_as_linear(m, prefix + name, warned)}
 
         forward_block = block
         if config.needs_hessian and forward_dtype is not None:
@@ -489,6 +513,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             report.seconds_forward += time.perf_counter() - start - collector.seconds
             report.seconds_hessian += collector.seconds
             groups = collector.groups()
+            uncalled = [name for name in linears if name not in collector.group_of]
+            if set(uncalled) - warned:  # e.g. mamba's dt_proj, whose weight its mixer reads: it must stay a Linear
+                log.warning("spqr: %s never ran as a module in the calibration forward (the model reads its weight "
+                            "directly): kept in full precision (in every block where this happens; said once)",
+                            ", ".join(prefix + name for name in uncalled))
+                warned.update(uncalled)
         else:
             groups = {name: [name] for name in linears}
 

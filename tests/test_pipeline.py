@@ -457,3 +457,53 @@ def test_weights_outside_linear_layers_are_named(caplog):
         caplog.clear()
         quantize(make_model("llama"), random_windows(2, 16), QuantConfig(), progress=False)
     assert "not in nn.Linear" not in caplog.text
+
+
+class _Router(nn.Linear):
+    """Like phimoe's / llama4's routers: an nn.Linear subclass whose forward returns something else (a tuple)."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.softmax(-1)
+
+
+class _SameAsLinear(nn.Linear):
+    """Like falcon's FalconLinear: a forward of its own that computes x·Wᵀ + b all the same."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def test_linear_subclasses_with_another_forward_and_uncalled_linears_stay_dense_with_a_warning(caplog):
+    """A router subclassing nn.Linear became an SpQRLinear (one tensor instead of a tuple): the model broke at its
+    first forward. A Linear whose weight the model reads directly (mamba's dt_proj) stayed dense without a word."""
+    import types
+
+    model = make_model("llama")
+    ids = random_windows(2, 12, seed=4)
+    for block in model.model.layers:
+        mlp = block.mlp
+        router = _Router(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+        router.weight = mlp.up_proj.weight
+        mlp.up_proj = router
+        same = _SameAsLinear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+        same.weight = mlp.down_proj.weight
+        mlp.down_proj = same
+
+        def forward(self, x):  # the router's first output as the up projection; gate_proj's weight read directly
+            gate = nn.functional.linear(x, self.gate_proj.weight)
+            return self.down_proj(self.act_fn(gate) * self.up_proj(x)[0])
+
+        mlp.forward = types.MethodType(forward, mlp)
+    before = _logits(model, ids)
+    with caplog.at_level("WARNING"):
+        quantize(model, random_windows(6, 16), SPQR4, progress=False)
+    mlps = [block.mlp for block in model.model.layers]
+    assert all(type(m.up_proj) is _Router and type(m.gate_proj) is nn.Linear for m in mlps)
+    assert all(isinstance(m.down_proj, SpQRLinear) for m in mlps)  # the same computation: quantized
+    assert "mlp.up_proj (_Router) subclasses nn.Linear with a forward that does not compute" in caplog.text
+    assert "model.layers.0.mlp.gate_proj never ran as a module in the calibration forward" in caplog.text
+    assert caplog.text.count("_Router) subclasses") == 1 and caplog.text.count("never ran as a module") == 1
+    after = _logits(model, ids)  # the model still runs, and close to before
+    assert relative_error(after, before) < 0.2
