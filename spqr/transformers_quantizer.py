@@ -78,7 +78,13 @@ class SpQRPackedQuantizer(HfQuantizer):
             bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
             placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
                             for key, (shape, dtype) in spec.expected_tensors(bias_dtype).items()}
-            set_submodule(model, name, SpQRLinear(spec, placeholders))
+            layer = SpQRLinear(spec, placeholders)
+            # Some models' _init_weights read a child Linear's weight through its parent (gpt_bigcode's c_proj,
+            # mamba's out_proj): a meta stand-in marked initialized, which init then skips, removed after loading.
+            stand_in = torch.empty(spec.out_features, spec.in_features, device="meta")
+            stand_in._is_hf_initialized = True
+            layer.__dict__["weight"] = stand_in
+            set_submodule(model, name, layer)
         embeddings = getattr(self.quantization_config, "quantized_embeddings", {})
         if embeddings:
             attach_quantized_embeddings(model, embeddings, model.get_input_embeddings().weight.dtype)
@@ -115,6 +121,7 @@ class SpQRPackedQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self._specs.items():
             layer = model.get_submodule(name)
+            layer.__dict__.pop("weight", None)
             expected = spec.expected_tensors()
             for key, tensor in list(layer._buffers.items()):
                 if tensor.device.type == "meta":
