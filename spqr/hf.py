@@ -245,8 +245,10 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # transformers' GPT-2-style layers
         raise ModelLoadError(f"unsupported architecture {type(model).__name__}: no stack of decoder blocks "
-                             "with Linear layers was found")
+                             "with Linear layers was found" + (" (its blocks use transformers' Conv1D layers, "
+                                                               "which spqr does not quantize)" if conv1d else ""))
     return best
 
 

@@ -236,6 +236,11 @@ def test_find_decoder_blocks():
         find_decoder_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
     with pytest.raises(ModelLoadError):
         quantize(nn.Sequential(nn.Linear(4, 4)), None, preset("rtn"), progress=False)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    with pytest.raises(ModelLoadError, match="GPT2LMHeadModel: .*transformers' Conv1D layers, which spqr does not"):
+        find_decoder_blocks(gpt2)
 
 
 def test_error_cases():
