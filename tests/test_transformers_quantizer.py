@@ -137,19 +137,3 @@ def test_damaged_checkpoints_are_refused_not_loaded_as_garbage(quantized_llama, 
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(path)
 
-
-def test_models_whose_init_reads_a_childs_weight_load(tmp_path):
-    """gpt_bigcode's (and mamba's) _init_weights read a quantized child's `.weight` through its parent:
-    from_pretrained failed with "'SpQRLinear' object has no attribute 'weight'"."""
-    from transformers import AutoConfig
-
-    from spqr.config import QuantConfig
-
-    config = AutoConfig.for_model("gpt_bigcode", vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    spqr.quantize(model, torch.randint(3, 300, (6, 16)), QuantConfig(wbits=3), progress=False)
-    spqr.save_quantized(model, tmp_path / "q", {})
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert not any(hasattr(m, "weight") for m in loaded.modules() if isinstance(m, SpQRLinear))
-    assert torch.equal(_logits(loaded), _logits(spqr.load_quantized(tmp_path / "q")))
