@@ -153,7 +153,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     calibration = CalibrationConfig(dataset=args.calib, split=args.calib_split, nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed)
     if config.needs_hessian:
-        load_text(calibration.dataset, calibration.split)  # a bad text file refused before minutes of loading
+        load_text(calibration.dataset, calibration.resolved_split)  # a bad text file refused before minutes of loading
     out = Path(args.output)
     check_output_dir(out, (args.model,) if args.model else ())  # before minutes of loading and quantizing
     progress_dir = out.parent / f".{out.name}.partial"

@@ -163,10 +163,8 @@ class CalibrationConfig:
         _check(isinstance(self.dataset, str) and self.dataset != "",
                f"dataset must be a dataset name or a file path, got {self.dataset!r}")
         if self.dataset in DATASETS:
-            if self.split is None:
-                object.__setattr__(self, "split", default_split(self.dataset, "calibration"))
-            _check(self.split in DATASETS[self.dataset],
-                   f"dataset {self.dataset!r} has no split {self.split!r}; available: {sorted(DATASETS[self.dataset])}")
+            _check(self.resolved_split in DATASETS[self.dataset], f"dataset {self.dataset!r} has no split "
+                   f"{self.split!r}; available: {sorted(DATASETS[self.dataset])}")
         else:
             _check(self.split is None, f"split {self.split!r} given for {self.dataset!r}, which is not a shipped "
                                        f"dataset ({sorted(DATASETS)}): a file has no splits")
@@ -179,8 +177,13 @@ class CalibrationConfig:
         _check(_is_int(self.batch_size) and self.batch_size >= 1,
                f"batch_size must be a positive integer, got {self.batch_size!r}")
 
+    @property
+    def resolved_split(self) -> str | None:
+        """The split read: `split`, or "valid" for a shipped dataset when it is None; None for a file."""
+        return self.split if self.split is not None else default_split(self.dataset, "calibration")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "split": self.resolved_split}
 
 
 FP32_TINY, FP32_MAX = 2.0**-126, float.fromhex("0x1.fffffep+127")  # the smallest normal and the largest fp32 numbers

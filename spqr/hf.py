@@ -6,6 +6,7 @@ import ctypes
 import importlib.util
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ class ModelLoadError(RuntimeError):
     """The model path is missing, not a model, or of an unsupported architecture."""
 
 
-def refuse_non_finite(named_tensors, where: str, error: type[Exception]) -> None:
+def refuse_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str, error: type[Exception]
+                      ) -> None:
     """Raise `error` naming the floating-point tensors among (name, tensor) pairs that hold NaN or Inf: such a
     model computes NaN logits (perplexity NaN, generation refused). Callers pass parameters, not buffers (some
     models keep -inf attention masks there)."""
@@ -426,7 +428,7 @@ def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
     cast = {n for n, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
     tensors = {n: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for n, t in tensors.items()}
     refuse_non_finite(((n, tensors[n]) for n in cast & parameters), f"{path} (values past the range of {dtype} "
-                      "after the cast: load it in a wider dtype)", CheckpointError)
+                      "after the cast)", CheckpointError)
     try:
         _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches between config.json and the stored tensors

@@ -25,7 +25,14 @@ from spqr.format.io import (
 )
 from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
-from spqr.hf import assign_dense_tensors, load_quantized, save_quantized, set_submodule, unique_state_dict
+from spqr.hf import (
+    assign_dense_tensors,
+    load_quantized,
+    read_generation_config,
+    save_quantized,
+    set_submodule,
+    unique_state_dict,
+)
 from spqr.nn import SpQREmbedding, SpQRLinear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -120,6 +127,7 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from e
     assign_dense_tensors(model, tensors, source, torch.float16)
+    read_generation_config(model, source, CheckpointError)  # end-of-turn tokens, copied by export
     recipe = {"wbits": 3, "beta1": 16, "beta2": 16, "qq_bits": 3, "imported_from": "spqr_quant"}
     tokenizer = None
     if (source / "tokenizer_config.json").is_file():

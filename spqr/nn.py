@@ -101,14 +101,16 @@ class SpQRLinear(nn.Module):
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
                 and not _is_functorch_wrapped(x) and forward_ad._current_level < 0):
             # eager CPU: straight to the C kernels, skipping the dispatcher (~8 us of a ~20 us call); tracing,
-            # torch.compile, other devices and inputs that need a gradient go through the registered op
+            # torch.compile, other devices and inputs that need a gradient go through the registered op, and
+            # torch.func transforms and forward-mode tangents through the reference path
             y = kernels.cpu_linear(self.spec, self._buffers, x, cache=self._kernel_cache)
         elif not torch.compiler.is_compiling() and _transformed(x):
             y = kernels.reference_linear(self.spec, self._buffers, x)
         else:
             y = kernels.linear(self.spec, self._buffers, x)
         y = y if self.bias is None else y + self.bias.to(x.dtype)
-        if _any_autocast() and torch.is_autocast_enabled(x.device.type):  # computed in fp32 (or x's dtype), returned
+        if _any_autocast() and torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(
+                x.device.type):  # computed in fp32 (or x's dtype), returned
             y = y.to(torch.get_autocast_dtype(x.device.type))           # in the autocast dtype, as by nn.Linear
         return y
 

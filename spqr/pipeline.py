@@ -103,7 +103,7 @@ class QuantizationReport:
 
 def calibration_data(tokenizer, calibration: CalibrationConfig) -> torch.Tensor:
     """Calibration token windows [nsamples, seqlen] (int64) as the config describes."""
-    ids = tokenize(tokenizer, load_text(calibration.dataset, calibration.split))
+    ids = tokenize(tokenizer, load_text(calibration.dataset, calibration.resolved_split))
     if ids.numel() < calibration.seqlen + 1:
         raise DataError(f"calibration text {calibration.dataset!r} has only {ids.numel()} tokens; "
                         f"seqlen {calibration.seqlen} needs at least {calibration.seqlen + 1}")
@@ -327,25 +327,24 @@ def _warn_about_weights_outside_linears(blocks_name: str, blocks: nn.ModuleList)
                     "spqr quantizes Linear layers only", count, ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
 
 
-def _computes_as_linear(linear: nn.Linear, name: str, warned: set[str]) -> bool:
+def _computes_as_linear(linear: nn.Linear) -> bool:
     """Whether a block's nn.Linear can become an SpQRLinear: nn.Linear itself, or a subclass whose own forward
-    still returns x·Wᵀ + b (falcon's FalconLinear) — checked on a random input. Subclasses that compute something
-    else (phimoe's and llama4's routers return tuples; grouped projections) keep their weights, with a warning."""
+    still returns x·Wᵀ + b (falcon's FalconLinear), checked on a random input within the weight dtype's rounding.
+    Subclasses that compute something else (phimoe's and llama4's routers return tuples; grouped projections)
+    must keep their weights."""
     if type(linear).forward is nn.Linear.forward:
         return True
     x = torch.randn(2, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight)
     try:
         with torch.no_grad():
             y = linear(x)
-        same = isinstance(y, torch.Tensor) and torch.allclose(y, F.linear(x, linear.weight, linear.bias),
-                                                             rtol=1e-3, atol=1e-5)
+            expected = F.linear(x, linear.weight, linear.bias)
     except Exception:  # a forward that needs other arguments or shapes
-        same = False
-    if not same and type(linear).__name__ not in warned:  # said once per class
-        warned.add(type(linear).__name__)
-        log.warning("spqr: %s (%s) subclasses nn.Linear with a forward that does not compute x·Wᵀ + b: kept in full "
-                    "precision (and every other %s)", name, type(linear).__name__, type(linear).__name__)
-    return same
+        return False
+    if not isinstance(y, torch.Tensor) or y.shape != expected.shape:
+        return False
+    tolerance = 16 * torch.finfo(expected.dtype).eps * float(expected.abs().max()) + 1e-30
+    return float((y - expected).abs().max()) <= tolerance
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -358,7 +357,11 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
              offload_activations: bool = False, quantize_head: bool | QuantConfig = False,
              quantize_embeddings: bool = False, progress: bool = True) -> QuantizationReport:
-    """Quantize every Linear inside the model's decoder blocks, in place (they become SpQRLinear).
+    """Quantize the Linears inside the model's decoder blocks, in place (they become SpQRLinear).
+
+    Kept in full precision, with a warning: nn.Linear subclasses whose forward is not x·Wᵀ + b (routers), and,
+    with calibration, Linears that never run as modules (a weight the model reads directly, an unused expert;
+    RTN, which runs no forward, cannot tell these apart: skip them by name).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
     None only when the config needs no Hessian (plain RTN). skip: Linear names (full, or a
@@ -487,7 +490,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                       in zip(store.load_activations(first_block, offload_activations), inputs)]
 
     as_tuple = False  # whether the blocks return tuples (older transformers) or tensors
-    warned: set[str] = set()  # Linears kept in full precision and already named in a warning
+    warned_classes: set[str] = set()  # nn.Linear subclasses kept dense, already named in a warning
+    warned_uncalled: set[str] = set()  # Linears (names within a block) never called, already named
     bar = tqdm(list(enumerate(blocks))[first_block:], desc="quantizing blocks", disable=not progress,
                initial=first_block, total=len(blocks))
     for index, block in bar:
@@ -497,7 +501,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         for name, linear in linears.items():
             if not bool(torch.isfinite(linear.weight).all()):
                 raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")
-        linears = {name: m for name, m in linears.items() if _computes_as_linear(m, prefix + name, warned)}
+        for name in [name for name, m in linears.items() if not _computes_as_linear(m)]:
+            kind = type(linears.pop(name)).__name__
+            if kind not in warned_classes:
+                warned_classes.add(kind)
+                log.warning("spqr: %s (%s) subclasses nn.Linear with a forward that does not compute x·Wᵀ + b: kept "
+                            "in full precision (and every other %s)", prefix + name, kind, kind)
 
         forward_block = block
         if config.needs_hessian and forward_dtype is not None:
@@ -514,11 +523,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
             report.seconds_hessian += collector.seconds
             groups = collector.groups()
             uncalled = [name for name in linears if name not in collector.group_of]
-            if set(uncalled) - warned:  # e.g. mamba's dt_proj, whose weight its mixer reads: it must stay a Linear
+            if set(uncalled) - warned_uncalled:  # e.g. mamba's dt_proj, whose weight its mixer reads directly
                 log.warning("spqr: %s never ran as a module in the calibration forward (the model reads its weight "
-                            "directly): kept in full precision (in every block where this happens; said once)",
+                            "directly, or no calibration token reached it, e.g. an unused expert): kept in full "
+                            "precision (in every block where this happens; said once)",
                             ", ".join(prefix + name for name in uncalled))
-                warned.update(uncalled)
+                warned_uncalled.update(uncalled)
         else:
             groups = {name: [name] for name in linears}
 

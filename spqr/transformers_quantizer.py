@@ -23,12 +23,10 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from spqr.format.accounting import read_safetensors_header
-from spqr.format.io import FORMAT_NAME, FORMAT_VERSION
+from spqr.format.io import FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_DTYPES
 from spqr.format.layout import LayerSpec, validate_layer
 from spqr.hf import attach_quantized_embeddings, module_entry, refuse_non_finite, set_submodule
 from spqr.nn import SpQRLinear
-
-SAFETENSORS_DTYPES = {torch.int32: "I32", torch.int16: "I16", torch.float16: "F16", torch.float32: "F32"}
 
 
 @register_quantization_config(FORMAT_NAME)
@@ -97,8 +95,9 @@ class SpQRPackedQuantizer(HfQuantizer):
         unexpected one, with only a warning (a garbage model)."""
         header: dict[str, dict] = {}
         for file in checkpoint_files:
-            if str(file).endswith(".safetensors"):
-                header.update(read_safetensors_header(Path(file))[1])
+            if not str(file).endswith(".safetensors"):
+                raise ValueError(f"{file}: spqr_packed checkpoints are safetensors files")
+            header.update(read_safetensors_header(Path(file))[1])
         header.pop("__metadata__", None)
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         missing = [key for key in model.state_dict() if key not in header and key not in tied]

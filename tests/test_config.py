@@ -41,10 +41,13 @@ def test_calibration_config_validation(option, value):
 
 
 def test_calibration_split_defaults_to_valid_and_files_have_none(tmp_path):
-    assert CalibrationConfig().split == "valid" and CalibrationConfig(dataset="ptb").split == "valid"
-    assert CalibrationConfig(dataset="wikitext2", split="test").split == "test"
+    import dataclasses
+
+    assert CalibrationConfig().resolved_split == "valid" == CalibrationConfig(dataset="ptb").to_dict()["split"]
+    assert CalibrationConfig(dataset="wikitext2", split="test").resolved_split == "test"
     text = str(tmp_path / "calib.txt")
-    assert CalibrationConfig(dataset=text).split is None
+    assert CalibrationConfig(dataset=text).resolved_split is None
+    assert dataclasses.replace(CalibrationConfig(), dataset=text).resolved_split is None  # the default is no split
     with pytest.raises(ConfigError, match="split 'valid' given for .*a file has no splits"):
         CalibrationConfig(dataset=text, split="valid")
 

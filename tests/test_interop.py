@@ -113,6 +113,7 @@ def test_checkpoint_round_trip(exportable_checkpoint, tmp_path):
         assert torch.equal(decode_spqr_quant(parts, layer.out_features, layer.in_features), layer.dequantize())
     assert tensors["model.embed_tokens.weight"].dtype == torch.float16  # transformers' SpQR loads fp16 models
     back = load_quantized(import_spqr_quant(authors, tmp_path / "back"))
+    assert back.generation_config.eos_token_id == ours.generation_config.eos_token_id  # end-of-turn ids kept
     for name, layer in layers.items():
         assert torch.equal(back.get_submodule(name).dequantize(), layer.dequantize()), name
     ids = torch.tensor([[1, 2, 3, 4]])

@@ -231,5 +231,7 @@ def test_autocast_gives_the_dtype_nn_linear_gives():
     x = torch.randn(2, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, expected = layer(x), dense(x)
+        on_meta = copy.deepcopy(layer).to("meta")  # meta has no autocast: torch.is_autocast_enabled("meta") raises
+        assert on_meta(torch.empty(2, 64, device="meta")).shape == (2, 48)
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)

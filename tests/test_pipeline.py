@@ -512,3 +512,17 @@ def test_linear_subclasses_with_another_forward_and_uncalled_linears_stay_dense_
     assert caplog.text.count("_Router) subclasses") == 1 and caplog.text.count("never ran as a module") == 1
     after = _logits(model, ids)  # the model still runs, and close to before
     assert relative_error(after, before) < 0.2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_subclass_computing_the_same_is_recognised_in_every_dtype(dtype):
+    """bf16 rounding differs between x @ Wᵀ + b and F.linear by an ulp: a fixed 1e-3 tolerance called falcon's
+    FalconLinear different in bf16, keeping all its layers dense."""
+    from spqr.pipeline import _computes_as_linear
+
+    for in_features in (64, 1024):
+        assert _computes_as_linear(_SameAsLinear(in_features, 96, bias=True).to(dtype))
+        assert not _computes_as_linear(_Router(in_features, 96).to(dtype))
+    scaled = _SameAsLinear(64, 96)
+    scaled.forward = lambda x: 1.5 * nn.functional.linear(x, scaled.weight, scaled.bias)
+    assert not _computes_as_linear(scaled.to(dtype))
