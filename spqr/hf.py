@@ -36,6 +36,22 @@ class ModelLoadError(RuntimeError):
     """The model path is missing, not a model, or of an unsupported architecture."""
 
 
+def first_few(items: list[str], separator: str = ", ", shown: int = 3) -> str:
+    """ "a, b, c and 2 more": a list for an error message, cut short."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a checkpoint directory; CheckpointError names the directory when it is damaged."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a damaged tokenizer_config.json, a missing tokenizer.json, ...
+        raise CheckpointError(f"{path}: cannot load its tokenizer: {type(e).__name__}: {e}") from e
+
+
 def refuse_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str, error: type[Exception]
                       ) -> None:
     """Raise `error` naming the floating-point tensors among (name, tensor) pairs that hold NaN or Inf: such a
@@ -43,8 +59,7 @@ def refuse_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: 
     models keep -inf attention masks there)."""
     names = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if names:
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        raise error(f"{where}: weights contain NaN or Inf: {', '.join(names[:3])}{more}")
+        raise error(f"{where}: weights contain NaN or Inf: {first_few(names)}")
 
 
 def read_generation_config(model: nn.Module, path: Path, error: type[Exception]) -> None:
@@ -91,11 +106,7 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | None = Non
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_dir() and is_quantized_checkpoint(path):
-        model = load_quantized(path, dtype=dtype)
-        try:
-            return model, AutoTokenizer.from_pretrained(path)
-        except Exception as e:  # a damaged tokenizer_config.json, a missing tokenizer.json, ...
-            raise CheckpointError(f"{path}: cannot load its tokenizer: {type(e).__name__}: {e}") from e
+        return load_quantized(path, dtype=dtype), load_tokenizer(path)
     dtype = dtype or torch.float32
     try:
         if path.is_file():
@@ -379,7 +390,7 @@ def module_entry(model: nn.Module, name: str, entry: object) -> tuple[LayerSpec,
         outliers = entry.get("outliers")  # absent in checkpoints written before it was recorded
         if "outliers" in entry and (type(outliers) is not int or outliers < 0):
             raise ValueError(f"outliers must be a non-negative integer, got {outliers!r}")
-        spec = LayerSpec(**{k: v for k, v in entry.items() if k != "outliers"})
+        spec = LayerSpec.from_config_entry(entry)
         linear = model.get_submodule(name)
     except (TypeError, AttributeError) as e:
         raise ValueError(str(e)) from e

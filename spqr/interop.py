@@ -27,7 +27,9 @@ from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
 from spqr.hf import (
     assign_dense_tensors,
+    first_few,
     load_quantized,
+    load_tokenizer,
     read_generation_config,
     save_quantized,
     set_submodule,
@@ -61,9 +63,7 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     problems += [f"{name}: embeddings read from the quantized head have no spqr_quant equivalent (quantize "
                  "without --quantize-embeddings)" for name, m in model.named_modules() if isinstance(m, SpQREmbedding)]
     if problems:
-        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ConversionError(f"{len(problems)} layers cannot be exported to spqr_quant: {'; '.join(problems[:3])}"
-                              f"{more}")
+        raise ConversionError(f"{len(problems)} layers cannot be exported to spqr_quant: {first_few(problems, '; ')}")
     tensors = {name: t for name, t in unique_state_dict(model).items()
                if name.rpartition(".")[0] not in layers}
     shapes = {}
@@ -129,12 +129,5 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
     assign_dense_tensors(model, tensors, source, torch.float16)
     read_generation_config(model, source, CheckpointError)  # end-of-turn tokens, copied by export
     recipe = {"wbits": 3, "beta1": 16, "beta2": 16, "qq_bits": 3, "imported_from": "spqr_quant"}
-    tokenizer = None
-    if (source / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as e:  # a damaged tokenizer_config.json, a missing tokenizer.json, ...
-            raise CheckpointError(f"{source}: cannot load its tokenizer: {type(e).__name__}: {e}") from e
+    tokenizer = load_tokenizer(source) if (source / "tokenizer_config.json").is_file() else None
     return save_quantized(model.eval(), out_dir, recipe, tokenizer=tokenizer, overwrite=overwrite)

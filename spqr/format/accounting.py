@@ -62,7 +62,7 @@ def _stored_layer_spec(name: str, entry: object, header: dict, path: Path) -> La
     if not isinstance(entry, dict):
         raise CheckpointError(f"config.json entry for module {name} is not an object")
     try:
-        spec = LayerSpec(**{k: v for k, v in entry.items() if k != "outliers"})
+        spec = LayerSpec.from_config_entry(entry)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json entry for module {name} is invalid: {e}") from e
     for key, (shape, _) in spec.expected_tensors().items():

@@ -94,6 +94,12 @@ class LayerSpec:
     def index_dtype(self) -> torch.dtype:
         return torch.int16 if self.in_features <= INT16_MAX_INDEX else torch.int32
 
+    @classmethod
+    def from_config_entry(cls, entry: dict) -> LayerSpec:
+        """The spec of one entry of a checkpoint's `modules` table (its `outliers` count aside); ValueError or
+        TypeError when a field is missing, unknown or invalid."""
+        return cls(**{k: v for k, v in entry.items() if k != "outliers"})
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.stats_dtype == "float16":  # the default: configs read the same as before the field existed
