@@ -109,25 +109,25 @@ def _add_eval_options(p: argparse.ArgumentParser, seqlen_flag: str = "--seqlen")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
 
 
-def _check_eval_options(seqlen: int, max_windows: int | None, batch_size: int, seqlen_option: str, dataset: str,
-                        split: str | None) -> None:
-    """Refuse perplexity options that cannot work and texts that cannot be read, before any model is loaded or
-    quantized."""
+def _eval_text(seqlen: int, max_windows: int | None, batch_size: int, seqlen_option: str, dataset: str,
+               split: str | None) -> tuple[str | None, str]:
+    """(split, text) of the evaluation; refuses perplexity options that cannot work and texts that cannot be read,
+    before any model is loaded or quantized."""
     if seqlen < 2:
         raise ConfigError(f"{seqlen_option} must be >= 2 (a window needs a token to predict), got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"--max-windows must be >= 1, got {max_windows}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    load_text(dataset, split or default_split(dataset, "eval"))
+    split = split or default_split(dataset, "eval")
+    return split, load_text(dataset, split)
 
 
-def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
+def _evaluate(model, tokenizer, text: str, dataset: str, split: str | None, seqlen: int, max_windows: int | None,
               batch_size: int) -> dict:
     from spqr.eval.perplexity import perplexity
 
-    split = split or default_split(dataset, "eval")
-    ids = tokenize(tokenizer, load_text(dataset, split))
+    ids = tokenize(tokenizer, text)
     result = perplexity(model, ids, seqlen, max_windows=max_windows, batch_size=batch_size)
     log.info("%s perplexity %.4f over %d windows of %d tokens (%.1f s)",
              label(dataset, split), result.ppl, result.windows, seqlen, result.seconds)
@@ -136,8 +136,8 @@ def _evaluate(model, tokenizer, dataset: str, split: str | None, seqlen: int, ma
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
     if args.eval:
-        _check_eval_options(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen", args.dataset,
-                            args.split)
+        eval_split, eval_text = _eval_text(args.eval_seqlen, args.max_windows, args.batch_size, "--eval-seqlen",
+                                           args.dataset, args.split)
     overrides = {k: v for k, v in {
         "wbits": args.wbits, "beta1": args.beta1, "beta2": args.beta2, "outlier_threshold": args.outlier_threshold,
         "perm": args.perm, "percdamp": args.percdamp, "blocksize": args.blocksize, "stats_dtype": args.stats_dtype,
@@ -202,7 +202,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
              report.seconds_hessian, report.seconds_engine)
     summary["peak_rss_bytes"] = peak_rss_bytes()  # before evaluation, which needs more
     if args.eval:
-        summary["eval"] = _evaluate(model, tokenizer, args.dataset, args.split, args.eval_seqlen,
+        summary["eval"] = _evaluate(model, tokenizer, eval_text, args.dataset, eval_split, args.eval_seqlen,
                                     args.max_windows, args.batch_size)
     _write_json(summary, args.json)
     if args.eval:
@@ -211,9 +211,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    _check_eval_options(args.seqlen, args.max_windows, args.batch_size, "--seqlen", args.dataset, args.split)
+    split, text = _eval_text(args.seqlen, args.max_windows, args.batch_size, "--seqlen", args.dataset, args.split)
     model, tokenizer = load_model(args.model)
-    result = _evaluate(model, tokenizer, args.dataset, args.split, args.seqlen, args.max_windows, args.batch_size)
+    result = _evaluate(model, tokenizer, text, args.dataset, split, args.seqlen, args.max_windows, args.batch_size)
     result["model"] = str(args.model) if args.model else "default"
     print(f"perplexity {result['ppl']:.4f} ({label(result['dataset'], result['split'])}, "
           f"{result['windows']} windows x {result['seqlen']} tokens)")

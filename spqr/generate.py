@@ -158,13 +158,14 @@ def _eos_ids(model: nn.Module, stop_at_eos: bool) -> set[int]:
 
 
 def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-         eos_ids: set[int], sampling: SamplingConfig, on_token: Callable[[int], None] | None,
+         eos_ids: set[int], sampling: SamplingConfig | None, on_token: Callable[[int], None] | None,
          ) -> tuple[list[list[int]], float, float]:
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    sampling = GREEDY if sampling is None else sampling
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a spqr.SamplingConfig, got {type(sampling).__name__}")
     check_token_ids(input_ids, getattr(model.config, "vocab_size", None), "input_ids")
@@ -223,7 +224,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, sto
         raise ValueError(f"input_ids must be a tensor of integer token ids of shape [1, T] with T >= 1, got "
                          f"{describe(input_ids)}")
     tokens, prefill, decode = _run(model, input_ids.long(), None, max_new_tokens, _eos_ids(model, stop_at_eos),
-                                   GREEDY if sampling is None else sampling, on_token)
+                                   sampling, on_token)
     return GenerationResult(int(input_ids.shape[1]), tokens[0], prefill, decode)
 
 
@@ -247,7 +248,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Ten
         attention_mask[i, width - len(r):] = 1
     device = next(itertools.chain(model.parameters(), model.buffers()), input_ids).device  # the model's
     tokens, prefill, decode = _run(model, input_ids.to(device), attention_mask.to(device), max_new_tokens,
-                                   _eos_ids(model, stop_at_eos), GREEDY if sampling is None else sampling, None)
+                                   _eos_ids(model, stop_at_eos), sampling, None)
     return BatchGenerationResult([len(r) for r in rows], tokens, prefill, decode)
 
 

@@ -78,7 +78,7 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         "quant_method": "spqr", "bits": 3, "beta1": 16, "beta2": 16, "shapes": shapes,
         "modules_to_not_convert": sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)),
     }
-    with atomic_directory(out_dir, overwrite=overwrite, inputs=(checkpoint,)) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         _copy_tokenizer(checkpoint, tmp)

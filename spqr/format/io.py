@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from spqr.config import ConfigError
+
 FORMAT_NAME = "spqr_packed"  # `quant_method` in config.json; distinct from transformers' built-in "spqr"
 FORMAT_VERSION = 3
 WEIGHTS_NAME = "model.safetensors"
@@ -34,8 +36,6 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike
     """Refuse an output path that cannot become a checkpoint directory, or whose replacement would delete the
     inputs or the current directory (ConfigError): a file, a path under a file, the current directory or one
     above it, an input itself or a directory holding an input."""
-    from spqr.config import ConfigError
-
     out = Path(out_dir)
     resolved = out.resolve()
     if out.exists() and not out.is_dir():
@@ -53,13 +53,11 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
-                     inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out_dir` when the block finishes without error.
-
-    inputs: the paths the contents are read from, which `out_dir` must neither be nor hold."""
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out_dir` when the block finishes without error (out_dir checked
+    by check_output_dir; writers that read an input check it against that input before their work)."""
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, inputs)
+    check_output_dir(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists; choose another path, or overwrite it "
                               "(--overwrite, overwrite=True)")
