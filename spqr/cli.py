@@ -28,7 +28,14 @@ from spqr.format.accounting import checkpoint_accounting
 from spqr.format.io import CheckpointError, check_output_dir
 from spqr.format.spqr_quant import ConversionError
 from spqr.generate import GenerationError, generate, generate_batch, use_reference
-from spqr.hf import ModelLoadError, has_safetensors_weights, load_model, load_model_lazy, save_quantized
+from spqr.hf import (
+    ModelLoadError,
+    has_safetensors_weights,
+    load_model,
+    load_model_lazy,
+    load_model_tokenizer,
+    save_quantized,
+)
 from spqr.pipeline import QuantizationError, calibration_data, quantize
 
 log = logging.getLogger("spqr")
@@ -277,10 +284,11 @@ def cmd_generate(args: argparse.Namespace) -> dict:
                     "decoding greedily")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype])
+    tokenizer = load_model_tokenizer(args.model)  # the prompts are checked before the weights load
+    prompts = [_prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    model, tokenizer = load_model(args.model, dtype=_DTYPES[args.dtype], tokenizer=tokenizer)
     if args.reference:
         use_reference(model)
-    prompts = [_prompt_ids(tokenizer, prompt, args.chat) for prompt in args.prompt]
     if len(prompts) == 1:
         new: list[int] = []
         printed = 0
@@ -353,9 +361,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--shapes {out}x{inp} with {max(args.rows)} rows needs about {need / 2**30:.1f} GiB; "
                               f"{available / 2**30:.1f} GiB of memory is available")
     if args.model:  # loaded first: a bad path or prompt is reported before minutes of kernel timings
-        model, tokenizer = load_model(args.model)
-        model = model.to(args.device)
+        tokenizer = load_model_tokenizer(args.model)
         ids = _prompt_ids(tokenizer, args.prompt, chat=False).to(args.device)
+        model, tokenizer = load_model(args.model, tokenizer=tokenizer)
+        model = model.to(args.device)
     if args.device == "cuda":
         name = f"Triton on {torch.cuda.get_device_name()}"
     else:

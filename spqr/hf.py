@@ -94,34 +94,53 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME
 
 
-def load_model(source: str | Path | None = None, dtype: torch.dtype | None = None):
+def _model_source(source: str | Path | None) -> Path:
+    """The path load_model reads (the default model's GGUF file for None), checked to be something it can read."""
+    path = Path(source) if source is not None else default_model_path()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a model directory or a GGUF file")
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"{path} is not a model directory: it has no {CONFIG_NAME}")
+    return path
+
+
+def load_model_tokenizer(source: str | Path | None = None):
+    """The tokenizer of what load_model(source) loads, alone: seconds where the model can take minutes, so that a
+    command checks its prompt (a chat template, say) before it loads the weights."""
+    from transformers import AutoTokenizer
+
+    path = _model_source(source)
+    if path.is_dir() and is_quantized_checkpoint(path):
+        return load_tokenizer(path)
+    try:
+        if path.is_file():
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the tokenizer of {path}: {type(e).__name__}: {e}") from e
+
+
+def load_model(source: str | Path | None = None, dtype: torch.dtype | None = None, tokenizer=None):
     """Load (model, tokenizer) from a HF directory, a GGUF file, one of our checkpoints, or the default.
 
     dtype: of the model's parameters (default float32; a checkpoint's unquantized tensors default to
     their stored dtype). GGUF weights are dequantized to it by transformers (needs the `gguf` package).
+    tokenizer: the source's tokenizer if already loaded (load_model_tokenizer), so it is not read twice.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = Path(source) if source is not None else default_model_path()
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
+    path = _model_source(source)
+    tokenizer = tokenizer if tokenizer is not None else load_model_tokenizer(path)
     if path.is_dir() and is_quantized_checkpoint(path):
-        return load_quantized(path, dtype=dtype), load_tokenizer(path)
-    dtype = dtype or torch.float32
+        return load_quantized(path, dtype=dtype), tokenizer
     try:
         if path.is_file():
-            if path.suffix != ".gguf":
-                raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a model directory or a GGUF file")
-            kwargs = dict(gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32,
+                                                         gguf_file=path.name)
         else:
-            if not (path / CONFIG_NAME).is_file():
-                raise ModelLoadError(f"{path} is not a model directory: it has no {CONFIG_NAME}")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-    except ModelLoadError:
-        raise
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
     refuse_non_finite(model.named_parameters(), str(path), ModelLoadError)

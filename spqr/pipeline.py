@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from spqr.algo.engine import HessianError, quantize_weights
@@ -347,6 +349,49 @@ def _computes_as_linear(linear: nn.Linear) -> bool:
     return float((y - expected).abs().max()) <= tolerance
 
 
+class _DirectWeightReads(TorchFunctionMode):
+    """While active, collects the names of the Linears whose weight a torch function receives outside the
+    Linear's own forward: the model reads those weights directly (mamba's mixer computes `dt_proj.weight @ x`),
+    which an SpQRLinear, holding packed tensors only, cannot serve."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        super().__init__()
+        self.names: set[str] = set()
+        self._owner = {id(m.weight): name for name, m in linears.items()}
+        self._running: set[str] = set()  # Linears inside their own forward
+        self._handles = [hook for name, m in linears.items() for hook in (
+            m.register_forward_pre_hook(lambda *_, name=name: self._running.add(name)),
+            m.register_forward_hook(lambda *_, name=name: self._running.discard(name)))]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for value in tree_leaves((args, kwargs)):
+            name = self._owner.get(id(value))
+            if name is not None and name not in self._running:
+                self.names.add(name)
+        return func(*args, **(kwargs or {}))
+
+    def remove(self) -> None:
+        for hook in self._handles:
+            hook.remove()
+
+
+def _linears_read_directly(model: nn.Module, block: nn.Module, linears: dict[str, nn.Linear]) -> set[str]:
+    """Names among `linears` (the first block's) whose weight the model reads outside their forward, found by
+    running 8 tokens through the model up to and through `block`. RTN runs no calibration forward, so this probe
+    stands in for the Hessian hooks that notice such Linears never run as modules."""
+    vocab = getattr(model.config, "vocab_size", None) or 8
+    probe = torch.arange(8).remainder(vocab).unsqueeze(0)
+    with torch.inference_mode():
+        (hidden, kwargs), = _capture_block_inputs(model, block, [probe])
+        watch = _DirectWeightReads(linears)
+        try:
+            with watch:
+                block(hidden, **kwargs)
+        finally:
+            watch.remove()
+    return watch.names
+
+
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether the Linear `name` (full module name) is one of `skip`: a full name or a dotted suffix."""
     return any(name == s or name.endswith("." + s) for s in skip)
@@ -359,9 +404,10 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
              quantize_embeddings: bool = False, progress: bool = True) -> QuantizationReport:
     """Quantize the Linears inside the model's decoder blocks, in place (they become SpQRLinear).
 
-    Kept in full precision, with a warning: nn.Linear subclasses whose forward is not x·Wᵀ + b (routers), and,
-    with calibration, Linears that never run as modules (a weight the model reads directly, an unused expert;
-    RTN, which runs no forward, cannot tell these apart: skip them by name).
+    Kept in full precision, with a warning: nn.Linear subclasses whose forward is not x·Wᵀ + b (routers), and
+    Linears whose weight the model reads directly (mamba's dt_proj): with calibration, those that never run as
+    modules (which also keeps unused experts dense); with RTN, those whose weight a probe of 8 tokens through the
+    first block sees read outside the Linear's forward.
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
     None only when the config needs no Hessian (plain RTN). skip: Linear names (full, or a
@@ -441,6 +487,19 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                 raise ModelLoadError(f"tensors missing from the model's weights: {missing[:5]}")
 
     load_block(0)
+    read_directly: set[str] = set()  # RTN: Linears (names within a block) whose weight the model reads directly
+    if not config.needs_hessian:
+        first_linears = {name: m for name, m in block_linears(blocks[0]).items()
+                         if not _skipped(f"{blocks_name}.0.{name}", skip)}
+        try:
+            read_directly = _linears_read_directly(model, blocks[0], first_linears)
+        except Exception as e:  # a model whose forward needs more than token ids
+            log.warning("spqr: could not run 8 tokens through the first block (%s: %s), so Linears whose weight the "
+                        "model reads directly are not found: if the quantized model fails, --skip them",
+                        type(e).__name__, e)
+        if read_directly:
+            log.warning("spqr: the model reads the weights of %s directly (not through the Linear's forward): kept in "
+                        "full precision in every block", ", ".join(sorted(read_directly)))
     store, first_block = None, 0
     if progress_dir is not None:
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
@@ -497,7 +556,8 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     for index, block in bar:
         load_block(index)
         prefix = f"{blocks_name}.{index}."
-        linears = {name: m for name, m in block_linears(block).items() if not _skipped(prefix + name, skip)}
+        linears = {name: m for name, m in block_linears(block).items()
+                   if not _skipped(prefix + name, skip) and name not in read_directly}
         for name, linear in linears.items():
             if not bool(torch.isfinite(linear.weight).all()):
                 raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")

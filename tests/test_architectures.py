@@ -88,3 +88,21 @@ def test_quantize_save_and_load_through_both_loaders(model_type, tmp_path):
             assert torch.equal(loaded(ids).logits, after)
         assert not any(hasattr(m, "weight") for m in loaded.modules() if isinstance(m, SpQRLinear))
     assert len(generate(spqr.load_quantized(tmp_path / "q"), ids[:, :8], 4, stop_at_eos=False).tokens) == 4
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_rtn_finds_weights_the_model_reads_directly(model_type, caplog):
+    """RTN runs no calibration forward: a probe of 8 tokens through the first block finds the Linears whose weight
+    the model reads outside their forward (mamba's dt_proj), which stay dense; every model type takes the probe."""
+    model = _tiny(model_type)
+    with caplog.at_level("WARNING"):
+        spqr.quantize(model, None, spqr.preset("rtn", wbits=4), progress=False)
+    assert "could not run 8 tokens" not in caplog.text
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(3, 19).unsqueeze(0)).logits).all()
+    if model_type == "mamba":
+        assert "reads the weights of mixer.dt_proj directly" in caplog.text
+        assert all(type(layer.mixer.dt_proj) is torch.nn.Linear for layer in model.backbone.layers)
+    else:
+        assert "directly" not in caplog.text

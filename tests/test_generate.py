@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from spqr import cli
 from spqr.cli import main
 from spqr.config import QuantConfig, SamplingConfig
 from spqr.generate import (
@@ -276,7 +277,7 @@ def test_prefill_asks_for_the_last_logits_only():
     assert calls == [(3, 1), (1, 0)]
 
 
-def test_cli_generate(quantized_llama, tmp_path, capsys):
+def test_cli_generate(quantized_llama, tmp_path, capsys, monkeypatch):
     _, _, checkpoint = quantized_llama
     out = tmp_path / "gen.json"
     assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "6", "--ignore-eos",
@@ -312,10 +313,12 @@ def test_cli_generate(quantized_llama, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
-    assert main(["generate", str(checkpoint), "--prompt", "The", "--prompt", ""]) == 2
-    assert "has no tokens" in capsys.readouterr().err
-    assert main(["generate", str(checkpoint), "--prompt", "The", "--chat"]) == 2  # the test tokenizer has none
-    assert "no chat template" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # prompts are checked before the weights load
+        patch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the prompt check"))
+        assert main(["generate", str(checkpoint), "--prompt", "The", "--chat"]) == 2  # the test tokenizer has none
+        assert "no chat template" in capsys.readouterr().err
+        assert main(["generate", str(checkpoint), "--prompt", "The", "--prompt", ""]) == 2
+        assert "has no tokens" in capsys.readouterr().err
     assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
 

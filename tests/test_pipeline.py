@@ -480,9 +480,11 @@ class _SameAsLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def test_linear_subclasses_with_another_forward_and_uncalled_linears_stay_dense_with_a_warning(caplog):
+@pytest.mark.parametrize("method", ["spqr", "rtn"])
+def test_linear_subclasses_with_another_forward_and_weights_read_directly_stay_dense_with_a_warning(caplog, method):
     """A router subclassing nn.Linear became an SpQRLinear (one tensor instead of a tuple): the model broke at its
-    first forward. A Linear whose weight the model reads directly (mamba's dt_proj) stayed dense without a word."""
+    first forward. A Linear whose weight the model reads directly (mamba's dt_proj) stayed dense without a word
+    with calibration (it never runs as a module), and became an SpQRLinear with RTN (the model then failed)."""
     import types
 
     model = make_model("llama")
@@ -502,14 +504,17 @@ def test_linear_subclasses_with_another_forward_and_uncalled_linears_stay_dense_
 
         mlp.forward = types.MethodType(forward, mlp)
     before = _logits(model, ids)
+    calibration, config = (random_windows(6, 16), SPQR4) if method == "spqr" else (None, preset("rtn", wbits=4))
     with caplog.at_level("WARNING"):
-        quantize(model, random_windows(6, 16), SPQR4, progress=False)
+        quantize(model, calibration, config, progress=False)
     mlps = [block.mlp for block in model.model.layers]
     assert all(type(m.up_proj) is _Router and type(m.gate_proj) is nn.Linear for m in mlps)
     assert all(isinstance(m.down_proj, SpQRLinear) for m in mlps)  # the same computation: quantized
     assert "mlp.up_proj (_Router) subclasses nn.Linear with a forward that does not compute" in caplog.text
-    assert "model.layers.0.mlp.gate_proj never ran as a module in the calibration forward" in caplog.text
-    assert caplog.text.count("_Router) subclasses") == 1 and caplog.text.count("never ran as a module") == 1
+    warning = ("model.layers.0.mlp.gate_proj never ran as a module in the calibration forward" if method == "spqr"
+               else "the model reads the weights of mlp.gate_proj directly")
+    assert warning in caplog.text
+    assert caplog.text.count("_Router) subclasses") == 1 and caplog.text.count(warning) == 1
     after = _logits(model, ids)  # the model still runs, and close to before
     assert relative_error(after, before) < 0.2
 

@@ -23,13 +23,17 @@ from pathlib import Path
 
 import torch
 
-from spqr.format.layout import LayerSpec
+from spqr.format.layout import LayerSpec, dequantize_layer
 
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c")]
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
+# spqr_gemv and spqr_gemm_amx compute nothing and return this for an input beyond +-2^64, NaN or infinite, where
+# their arithmetic (zero points factored out, bf16 parts) would give NaN or overflow while F.linear would not; such
+# calls take the reference path (SPQR_INPUT_LIMIT in spqr_cpu.h)
+INPUT_OUT_OF_RANGE = 3
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
     # for the tests, what other machines and compilers build: the portable vector code (no AVX-512, AVX2 or ARM)
@@ -126,9 +130,10 @@ class CpuKernels:
         if path == "auto":
             path = "gemv" if rows <= gemv_max_rows else "amx" if self.has_amx else "gemm"
         if path == "gemv":
-            if self._gemv(layer, rows, x_ptr, y_ptr, threads):
+            status = self._gemv(layer, rows, x_ptr, y_ptr, threads)
+            if status == 1:
                 raise MemoryError("spqr_gemv could not allocate its workspace")
-            return y
+            return y if status == 0 else _exact_linear(spec, t, x)  # INPUT_OUT_OF_RANGE
         if path == "amx":
             if not self.has_amx:
                 raise RuntimeError("the AMX kernel is not available on this machine (or SPQR_AMX=0)")
@@ -140,6 +145,8 @@ class CpuKernels:
                     break
             if status == 1:
                 raise MemoryError("spqr_gemm_amx could not allocate its workspace")
+            if status == INPUT_OUT_OF_RANGE:
+                return _exact_linear(spec, t, x)
             if status == 0:
                 return y  # 2: AMX refused at run time; the AVX-512 kernel computes the same
         if self._gemm(layer, rows, x_ptr, y_ptr, threads):
@@ -171,6 +178,11 @@ class CpuKernels:
         layer = _layer_struct(spec, t)
         self._layers[key] = (spec, layer)
         return layer
+
+
+def _exact_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] fp32 -> [..., out] through the exactly decoded W and F.linear (what the reference path does)."""
+    return torch.nn.functional.linear(x, dequantize_layer(spec, t))
 
 
 def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:

@@ -60,9 +60,11 @@ static inline void split3_rounded(__m512 v, __m256bh *h, __m256bh *m, __m256bh *
 }
 
 /* Rows m0 .. m0+15 of x [M][K] (original column order) -> their A tiles, a [Mp/16][Kp/32][3][16][32] bf16:
- * x_perm split in three, zero past K and M. */
-static void amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int64_t m0, int64_t Kp, uint16_t *a) {
+ * x_perm split in three, zero past K and M. Returns 1 if an input is out of range (SPQR_INPUT_LIMIT), else 0. */
+static int amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int64_t m0, int64_t Kp, uint16_t *a) {
     const int64_t K = L->in_features;
+    const __m512 limit = _mm512_set1_ps(SPQR_INPUT_LIMIT);
+    __mmask16 beyond = 0;
     uint16_t *block = a + (m0 / 16) * (Kp / 32) * A_PARTS;
     for (int64_t i = 0; i < 16; i++) {
         const int64_t m = m0 + i;
@@ -71,13 +73,16 @@ static void amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int
             const __mmask16 valid = m >= M || k >= K ? 0
                                     : K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
             __m256bh h, md, l;
-            split3_rounded(load_x_perm16(L, xm, k, valid), &h, &md, &l);
+            const __m512 v = load_x_perm16(L, xm, k, valid);
+            beyond |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), limit, _CMP_NLE_UQ); /* NaN too */
+            split3_rounded(v, &h, &md, &l);
             uint16_t *dst = block + (k / 32) * A_PARTS + i * 32 + (k & 16);
             _mm256_storeu_si256((__m256i *)dst, (__m256i)h);
             _mm256_storeu_si256((__m256i *)(dst + 512), (__m256i)md);
             _mm256_storeu_si256((__m256i *)(dst + 1024), (__m256i)l);
         }
     }
+    return beyond != 0;
 }
 
 /* Exact three-way split of v by truncation, as fp32 values whose low 16 bits are zero (so their high halves are the
@@ -254,6 +259,7 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
     workspace ws = workspace_acquire(a_bytes + (size_t)n_threads * thread_bytes);
     if (!ws.ptr) return 1;
     uint16_t *a = (uint16_t *)ws.ptr;
+    int bad = 0; /* an input out of range: nothing is computed */
 #pragma omp parallel num_threads(n_threads)
     {
         char *mine = ws.ptr + a_bytes + (size_t)thread_index() * thread_bytes;
@@ -261,10 +267,11 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
         uint32_t *btiles = (uint32_t *)(mine + part[0]);
         int32_t *next_outlier = (int32_t *)(mine + part[0] + part[1] + part[2]);
         amx_configure();
+#pragma omp for schedule(static) reduction(| : bad)
+        for (int64_t mb = 0; mb < mblocks; mb++) bad |= amx_prepare_rows(L, x, M, mb * 16, Kp, a);
+        /* after the loop's barrier every thread sees the same `bad` */
 #pragma omp for schedule(static)
-        for (int64_t mb = 0; mb < mblocks; mb++) amx_prepare_rows(L, x, M, mb * 16, Kp, a);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tile_tasks * m_parts; task++) {
+        for (int64_t task = 0; task < (bad ? 0 : tile_tasks * m_parts); task++) {
             const int64_t t0 = (task / m_parts) * task_tiles, r0 = t0 * TILE;
             const int nt = (int)(n_tiles - t0 < task_tiles ? n_tiles - t0 : task_tiles), nb = nt * TILE;
             const int n = (int)(N - r0 < nb ? N - r0 : nb);
@@ -317,7 +324,7 @@ int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int 
         _tile_release();
     }
     workspace_release(ws);
-    return 0;
+    return bad ? SPQR_INPUT_OUT_OF_RANGE : 0;
 }
 #else
 int spqr_amx_enable(void) { return 0; }

@@ -697,31 +697,40 @@ static void build_lut(const float *x, int64_t K, float *lut) {
 /* x [K] = x_in in the sweep's column order, and group_sums [n_groups] its sums over each group of beta1 columns.
  * Before the threads start, so vectorized: 16 columns at a time with one gather (the scalar loops took 3-4% of a
  * 4096^2 call, the sums' chain of dependent adds most of it). */
-static void permute_input(const spqr_layer *L, const float *x_in, float *x, float *group_sums) {
+static int permute_input(const spqr_layer *L, const float *x_in, float *x, float *group_sums) {
     const int64_t K = L->in_features, n_groups = ceil_div(K, L->beta1);
     int64_t g0 = 0; /* groups below g0 are summed */
+    int bad = 0;    /* an input out of range (SPQR_INPUT_LIMIT) */
 #if SPQR_AVX512
     if (L->beta1 % 16 == 0) {
+        const __m512 limit = _mm512_set1_ps(SPQR_INPUT_LIMIT);
+        __mmask16 beyond = 0;
         for (int64_t g = 0; g < n_groups; g++) {
             __m512 sum = _mm512_setzero_ps();
             for (int64_t k = g * L->beta1; k < (g + 1) * L->beta1 && k < K; k += 16) {
                 const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
                 const __m512 v = load_x_perm16(L, x_in, k, m);
+                beyond |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), limit, _CMP_NLE_UQ); /* NaN too */
                 _mm512_mask_storeu_ps(x + k, m, v);
                 sum = _mm512_add_ps(sum, v);
             }
             group_sums[g] = _mm512_reduce_add_ps(sum);
         }
         g0 = n_groups;
+        bad = beyond != 0;
     }
 #endif
-    for (int64_t k = g0 * L->beta1; k < K; k++) x[k] = x_in[perm_index(L, k)];
+    for (int64_t k = g0 * L->beta1; k < K; k++) {
+        x[k] = x_in[perm_index(L, k)];
+        bad |= out_of_range(x[k]);
+    }
     for (int64_t g = g0; g < n_groups; g++) {
         float s = 0.0f;
         const int64_t c1 = (g + 1) * L->beta1 < K ? (g + 1) * L->beta1 : K;
         for (int64_t c = g * L->beta1; c < c1; c++) s += x[c];
         group_sums[g] = s;
     }
+    return bad;
 }
 
 /* y [M][N] = x [M][K] W^T for a few input rows x (original column order): token generation (M = 1) and batched
@@ -747,9 +756,14 @@ int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n
     const size_t thread_bytes = (size_t)M * lut_bytes + coef_bytes;
     workspace ws = workspace_acquire((size_t)M * row_bytes + (size_t)n_threads * thread_bytes);
     if (!ws.ptr) return 1;
+    int bad = 0;
     for (int64_t m = 0; m < M; m++) {
         float *row = (float *)(ws.ptr + m * row_bytes); /* group sums, then x */
-        permute_input(L, x_in + m * K, row + n_groups, row);
+        bad |= permute_input(L, x_in + m * K, row + n_groups, row);
+    }
+    if (bad) {
+        workspace_release(ws);
+        return SPQR_INPUT_OUT_OF_RANGE;
     }
 #pragma omp parallel num_threads(n_threads)
     {

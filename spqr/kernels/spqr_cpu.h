@@ -41,11 +41,21 @@ typedef struct {
 } spqr_layer;
 
 /* The entry points (cpu.py; tests/kernels/emulated_driver.c): y [M][out] = x [M][in] W^T, x in the original column
- * order. 0 when done, 1 when out of memory; spqr_gemm_amx 2 when the tile unit is refused (nothing computed). */
+ * order. 0 when done, 1 when out of memory; spqr_gemm_amx 2 when the tile unit is refused; spqr_gemv and
+ * spqr_gemm_amx SPQR_INPUT_OUT_OF_RANGE when an input is not within +-SPQR_INPUT_LIMIT (nothing computed). */
 int spqr_gemv(const spqr_layer *L, int64_t M, const float *x_in, float *y, int n_threads);
 int spqr_gemm(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads);
 int spqr_gemm_amx(const spqr_layer *L, int64_t M, const float *x, float *y, int n_threads);
 void spqr_release_workspace(void); /* frees the scratch buffer kept between calls */
+
+/* The inputs the matrix-vector and AMX kernels take: the first factors the zero points out (scale * zero * sum of x
+ * over a group), the second splits x into bf16 parts, and both would give inf - inf = NaN for an infinite input,
+ * or overflow for a huge one, where F.linear gives inf or a finite value. A call with any |x| beyond 2^64 (or NaN)
+ * computes nothing and returns SPQR_INPUT_OUT_OF_RANGE; cpu.py then takes the reference path. Within the limit no
+ * intermediate value passes 2^114 (codes < 2^8, fp16 statistics < 2^16, K < 2^31). */
+#define SPQR_INPUT_LIMIT 18446744073709551616.0f
+#define SPQR_INPUT_OUT_OF_RANGE 3
+static inline int out_of_range(float v) { return !(v <= SPQR_INPUT_LIMIT && v >= -SPQR_INPUT_LIMIT); }
 
 #define TILE 16 /* output rows per tile: one AVX-512 vector of statistics */
 /* the matrix-vector kernel prefetches weights this many 32-column chunks ahead, into L1 and into L2 */

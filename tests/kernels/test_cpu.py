@@ -138,6 +138,31 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
         _check(layer, kern, rows, scale=1 / magnitude)
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 1e38, -3e20])
+def test_inputs_beyond_the_kernels_range_give_what_f_linear_gives(kern, value):
+    """Infinite, NaN and huge inputs: the matrix-vector and AMX kernels (zero points factored out, bf16 parts) would
+    give NaN rows or overflow, so they hand such calls to the reference path; every path gives F.linear's inf, NaN
+    and finite values. Just within the limit (2^64) the kernels still compute, within fp32 rounding."""
+    layer = random_packed_layer(48, 96, 3, 16, 16, 3, 0.02, seed=5)
+    weight = dequantize_layer(layer.spec, layer.tensors)
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        x[0, 7] = value
+        x[-1, 50] = value
+        expected = torch.nn.functional.linear(x, weight)
+        outputs = {"dispatch": kernels.cpu_linear(layer.spec, layer.tensors, x, kern)}
+        for path in ("gemv", "gemm") + (("amx",) if kern.has_amx else ()):
+            outputs[path] = kern.matmul(layer.spec, layer.tensors, x, path=path)
+        for path, y in outputs.items():
+            assert torch.equal(y.isnan(), expected.isnan()), (path, rows)
+            assert torch.equal(y.isinf() & (y > 0), expected.isinf() & (expected > 0)), (path, rows)
+            assert torch.equal(y.isinf() & (y < 0), expected.isinf() & (expected < 0)), (path, rows)
+            finite = expected.isfinite()
+            torch.testing.assert_close(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
+    for rows in (1, 40):
+        _check(layer, kern, rows, scale=2.0**60)
+
+
 def test_fp32_statistics_take_the_reference_path(kern):
     """Plain fp32 statistics (the reference implementation's baselines): the op decodes them exactly; the C
     kernels, which read fp16, refuse them rather than misread them."""
