@@ -104,7 +104,10 @@ def describe(value: object) -> str:
 
 
 def check_token_ids(ids: torch.Tensor, vocab: int | None, what: str) -> None:
-    """Refuse ids outside [0, vocab) (vocab None: only negative ones), which would fail deep in a model's embedding."""
+    """Refuse ids outside [0, vocab) (vocab None: only negative ones), which would fail deep in a model's embedding,
+    and ids on the meta device, which hold no values."""
+    if ids.device.type == "meta":
+        raise DataError(f"{what}: the token ids are on the meta device, which holds no values")
     if ids.numel() == 0:
         return
     low, high = int(ids.min()), int(ids.max())

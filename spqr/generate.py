@@ -21,7 +21,7 @@ from torch import nn
 
 from spqr.config import SamplingConfig
 from spqr.data import check_token_ids, describe, is_integer_tensor
-from spqr.nn import SpQRLinear
+from spqr.nn import SpQRLinear, in_eval_mode
 
 log = logging.getLogger(__name__)
 GREEDY = SamplingConfig()
@@ -157,6 +157,7 @@ def _eos_ids(model: nn.Module, stop_at_eos: bool) -> set[int]:
     return ids
 
 
+@in_eval_mode
 def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
          eos_ids: set[int], sampling: SamplingConfig | None, on_token: Callable[[int], None] | None,
          ) -> tuple[list[list[int]], float, float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spqr.config import QuantConfig
 from spqr.format.io import (
     CONFIG_NAME,
     FORMAT_NAME,
@@ -343,14 +344,19 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
     return embeddings.dtype if isinstance(embeddings, SpQREmbedding) else embeddings.weight.dtype
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: dict, tokenizer=None,
+def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: dict | QuantConfig, tokenizer=None,
                    overwrite: bool = False, report: dict | None = None) -> Path:
     """Write a model whose quantized layers are SpQRLinear as a checkpoint directory (atomically).
 
-    quantization_config: the recipe (QuantConfig.to_dict() and calibration settings); the
-    per-module specs, the converted / not converted module lists and the checksums are added here.
+    quantization_config: the recipe (a QuantConfig, or a dict such as QuantConfig.to_dict() plus calibration
+    settings); the per-module specs, the converted / not converted module lists and the checksums are added here.
     report: optional run summary, written as quantization_report.json.
     """
+    if isinstance(quantization_config, QuantConfig):
+        quantization_config = quantization_config.to_dict()
+    if not isinstance(quantization_config, dict):
+        raise TypeError(f"quantization_config must be a spqr.QuantConfig or a dict, got "
+                        f"{type(quantization_config).__name__}")
     modules = {name: m for name, m in model.named_modules() if isinstance(m, SpQRLinear)}
     if not modules:
         raise ValueError("the model has no SpQRLinear layers: quantize it first")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import mmap
+import weakref
 
 import torch
 from torch import nn
@@ -23,6 +25,23 @@ def _transformed(x: torch.Tensor) -> bool:
     supports both (so these take the reference path)."""
     return _is_functorch_wrapped(x) or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent
                                         is not None)
+
+
+def in_eval_mode(function):
+    """Decorator: function(model, ...) runs with the model in eval mode (dropout off), each module's mode restored
+    after (modules made meanwhile, such as new SpQRLinears, take the model's). Calibration, evaluation and
+    generation then do not depend on the mode the caller left the model in (from_config builds it training)."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        modes = weakref.WeakKeyDictionary((m, m.training) for m in model.modules())  # weak: replaced layers go
+        training = model.training
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for m in model.modules():
+                m.training = modes.get(m, training)
+    return wrapper
 
 
 class SpQRLinear(nn.Module):

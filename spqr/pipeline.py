@@ -48,7 +48,7 @@ from spqr.hf import (
     release_freed_memory,
     set_submodule,
 )
-from spqr.nn import SpQRLinear
+from spqr.nn import SpQRLinear, in_eval_mode
 from spqr.resume import OffloadedHidden, ProgressStore, hidden_tensor, run_fingerprint
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,29 @@ def _quantize_group(linears: dict[str, nn.Linear], hessian: torch.Tensor | None,
     return packed_layers
 
 
+FP16_MAX = 65504.0
+SMALLEST_FP16_STATISTICS = 2.0**-17  # max |w| below which fp16 scales lose precision (3 bits, N(0, s): +16% error
+# at s = 1e-6 where max |w| ~ 4e-6, the layer zeroed at 1e-9); fp16 is subnormal below 2^-14
+
+
+def _check_weight(name: str, weight: torch.Tensor, config: QuantConfig) -> None:
+    """Refuse a weight matrix the format cannot hold: NaN or Inf; values past fp16's range (outliers are fp16, and
+    they failed after the sweep, without the layer's name); or, with fp16 statistics, weights so small that their
+    scales vanish in fp16 (the layer came out zeroed, or 1e4 times too large, without a word)."""
+    weight = weight.detach()
+    if not bool(torch.isfinite(weight).all()):
+        raise QuantizationError(f"weights of {name} contain NaN or Inf")
+    peak = float(weight.abs().max()) if weight.numel() else 0.0
+    fp16_statistics = config.qq_bits is not None or config.stats_dtype == "float16"
+    if peak > FP16_MAX and (fp16_statistics or config.has_outliers):
+        raise QuantizationError(f"weights of {name} reach {peak:.4g}, past fp16's range ({FP16_MAX:g}), in which "
+                                "outliers and statistics are stored: skip this layer")
+    if fp16_statistics and 0 < peak < SMALLEST_FP16_STATISTICS:
+        raise QuantizationError(f"weights of {name} are at most {peak:.3g}: their scales would vanish in fp16 "
+                                "statistics (subnormal below 6.1e-5); skip this layer, or use plain fp32 statistics "
+                                "(qq_bits=None, stats_dtype='float32')")
+
+
 def _check_calibration(calibration: torch.Tensor, vocab: int | None) -> None:
     """Refuse calibration that is not token ids [nsamples, seqlen] of this model (it would fail deep in a forward)."""
     if not is_integer_tensor(calibration) or calibration.ndim != 2 or calibration.numel() == 0:
@@ -397,6 +420,7 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+@in_eval_mode
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,
              progress_dir: str | Path | None = None, block_weights: ShardedWeights | None = None,
@@ -428,6 +452,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     (config.tie_word_embeddings becomes False), unless quantize_embeddings: then (tied heads only;
     implies quantize_head) the input embeddings become an SpQREmbedding that reads its rows from
     the quantized head, so the model holds that matrix once, packed.
+    The model runs in eval mode (dropout off) throughout; each module's mode is restored after.
     Returns per-layer errors, bits and timings.
     """
     total_start = time.perf_counter()
@@ -436,6 +461,14 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         raise TypeError(f"config must be a spqr.QuantConfig (e.g. spqr.preset('spqr')), got {type(config).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(quantize_head, (bool, QuantConfig)):  # `is not False` below: None would quantize the head
+        raise TypeError(f"quantize_head must be True, False or a spqr.QuantConfig (the head's recipe), got "
+                        f"{quantize_head!r}")
+    if not isinstance(quantize_embeddings, bool):
+        raise TypeError(f"quantize_embeddings must be True or False, got {quantize_embeddings!r}")
+    if forward_dtype is not None and not (isinstance(forward_dtype, torch.dtype) and forward_dtype.is_floating_point):
+        raise TypeError(f"forward_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16) or None, got "
+                        f"{forward_dtype!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if any(isinstance(m, SpQRLinear) for m in model.modules()):
@@ -447,13 +480,14 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         suffix = next(iter(block_linears(blocks[0])))
         raise ConfigError(f"skip names that match no Linear of the decoder blocks: {unmatched} (give a full name "
                           f"such as {linear_names[0]!r} or a suffix such as {suffix!r})")
-    if all(_skipped(name, skip) for name in linear_names) and quantize_head is False:
+    if all(_skipped(name, skip) for name in linear_names) and quantize_head is False and not quantize_embeddings:
         raise ConfigError("skip names every Linear of the decoder blocks: nothing would be quantized")
     _warn_about_weights_outside_linears(blocks_name, blocks)
     if config.needs_hessian and calibration is None:
         raise ValueError("this configuration needs calibration data")
     if calibration is not None:
         _check_calibration(calibration, getattr(model.config, "vocab_size", None))
+        calibration = calibration.long()  # embeddings take int64 (or int32) ids only; uint8 and int16 are fine here
     max_len = getattr(model.config, "max_position_embeddings", None)
     if calibration is not None and max_len is not None and calibration.shape[1] > max_len:
         raise DataError(f"calibration seqlen {calibration.shape[1]} exceeds the model's maximum of {max_len} tokens")
@@ -540,7 +574,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         for index in range(first_block):
             layers, reports = store.load_block(index)
             for name, packed in layers.items():
-                set_submodule(model, name, SpQRLinear.from_packed(packed))
+                set_submodule(model, name, SpQRLinear.from_packed(packed, name))
             if index < len(blocks):
                 load_block(index)  # the block's other tensors (norms), if it was left on meta
             report.layers.extend(LayerReport(**r) for r in reports)
@@ -559,8 +593,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         linears = {name: m for name, m in block_linears(block).items()
                    if not _skipped(prefix + name, skip) and name not in read_directly}
         for name, linear in linears.items():
-            if not bool(torch.isfinite(linear.weight).all()):
-                raise QuantizationError(f"weights of {prefix + name} contain NaN or Inf")
+            _check_weight(prefix + name, linear.weight, config)
         for name in [name for name, m in linears.items() if not _computes_as_linear(m)]:
             kind = type(linears.pop(name)).__name__
             if kind not in warned_classes:
@@ -616,7 +649,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                                      [hidden for hidden, _ in inputs] if needed else None, as_tuple if needed else None)
             packed_layers = {name.removeprefix(prefix): p for name, p in saved.items()}  # memory-mapped
         for name, packed in packed_layers.items():
-            set_submodule(block, name, SpQRLinear.from_packed(packed))
+            set_submodule(block, name, SpQRLinear.from_packed(packed, prefix + name))
         weights = sum(r.out_features * r.in_features for r in block_reports)
         err = sum(r.relative_error for r in block_reports) / max(len(block_reports), 1)
         outliers = sum(r.outliers for r in block_reports) / max(weights, 1)
@@ -659,8 +692,7 @@ def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head
                    batches: list[torch.Tensor], last_outputs: list, as_tuple: bool, config: QuantConfig,
                    report: QuantizationReport, store: ProgressStore | None, step: int) -> None:
     """Quantize the output head (after the blocks) and put it in place of the head module."""
-    if not bool(torch.isfinite(head.weight).all()):
-        raise QuantizationError(f"weights of {head_name} contain NaN or Inf")
+    _check_weight(head_name, head.weight, config)
     hessian = None
     if config.needs_hessian:
         start = time.perf_counter()
@@ -679,6 +711,6 @@ def _quantize_head(model: nn.Module, blocks: nn.ModuleList, head_name: str, head
     report.seconds_engine += time.perf_counter() - start
     if store is not None:
         packed = store.save_block(step, packed, report.layers[first_report:], None)  # memory-mapped
-    set_submodule(model, head_name, SpQRLinear.from_packed(packed[head_name]))
+    set_submodule(model, head_name, SpQRLinear.from_packed(packed[head_name], head_name))
     r = report.layers[-1]
     log.info("%s: relative error %.5f, outliers %.3f%%", head_name, r.relative_error, 100 * r.outlier_share)

@@ -49,6 +49,13 @@ def make_model(arch: str, seed: int = 0):
     return model
 
 
+def training_with_dropout(model, p: float = 0.5):
+    """The llama model in training mode with attention dropout p (as from_config leaves a model, plus dropout)."""
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = p
+    return model.train()
+
+
 def random_windows(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)

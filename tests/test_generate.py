@@ -27,7 +27,7 @@ from spqr.hf import load_quantized
 from spqr.kernels import cpu
 from spqr.nn import SpQRLinear
 from spqr.pipeline import quantize
-from tests.helpers import make_model, random_windows
+from tests.helpers import make_model, random_windows, training_with_dropout
 
 
 @pytest.mark.parametrize("amx", [True, False])  # >8-row calls on AMX where the CPU has it, else on AVX-512
@@ -489,3 +489,14 @@ def test_cli_chat_template_failures_are_named(quantized_llama, tokenizer, tmp_pa
         assert main(["generate", str(checkpoint), "--prompt", "Hello", "--chat"]) == 2, template
         err = capsys.readouterr().err
         assert "spqr generate: error: --chat" in err and expected in err and "Traceback" not in err, err
+
+
+def test_a_model_left_in_training_mode_generates_without_dropout():
+    """Greedy generation on a model in training mode gave other tokens on every call (dropout on)."""
+    model = make_model("llama")
+    ids = random_windows(1, 6, seed=2)
+    expected = generate(model, ids, 8, stop_at_eos=False).tokens
+    training_with_dropout(model)
+    assert generate(model, ids, 8, stop_at_eos=False).tokens == expected
+    assert generate_batch(model, [ids[0], ids[0, :3]], 8, stop_at_eos=False).tokens[0] == expected
+    assert model.training

@@ -415,6 +415,16 @@ def test_a_nan_in_the_recipe_is_refused(quantized_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_recipe_may_be_a_quant_config(quantized_llama, tmp_path):
+    """A QuantConfig failed with "'QuantConfig' object is not iterable"."""
+    _, quantized, _ = quantized_llama
+    config = QuantConfig(wbits=3)
+    save_quantized(quantized, tmp_path / "q", config)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["wbits"] == 3
+    with pytest.raises(TypeError, match="quantization_config must be a spqr.QuantConfig or a dict"):
+        save_quantized(quantized, tmp_path / "r", ["wbits", 3])
+
+
 def test_a_checkpoints_damaged_tokenizer_is_named(ckpt_copy):
     (ckpt_copy / "tokenizer_config.json").write_text("{bad")
     with pytest.raises(CheckpointError, match="cannot load its tokenizer"):

@@ -15,7 +15,15 @@ from spqr.format.layout import PackedLinear
 from spqr.hf import ModelLoadError, find_decoder_blocks
 from spqr.nn import SpQRLinear
 from spqr.pipeline import QuantizationError, calibration_data, quantize
-from tests.helpers import VOCAB, decoder_linear_names, make_model, random_windows, ref_rtn, relative_error
+from tests.helpers import (
+    VOCAB,
+    decoder_linear_names,
+    make_model,
+    random_windows,
+    ref_rtn,
+    relative_error,
+    training_with_dropout,
+)
 
 SPQR4 = QuantConfig(wbits=4, outlier_threshold=0.1)
 
@@ -436,9 +444,39 @@ def test_quantize_names_bad_arguments_before_any_work():
     assert not any(r.name.endswith("q_proj") for r in report.layers) and len(report.layers) == 12
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize(model, windows, QuantConfig(), progress=False)
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     with pytest.raises(ConfigError, match="skip names every Linear"):
-        quantize(make_model("llama"), windows, QuantConfig(), progress=False,
-                 skip=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        quantize(make_model("llama"), windows, QuantConfig(), progress=False, skip=every)
+    # None quantized the head (`is not False`), a dict was taken for True; a dtype's name failed in .to()
+    for head in (None, 0, {"wbits": 4}):
+        with pytest.raises(TypeError, match="quantize_head must be True, False or a spqr.QuantConfig"):
+            quantize(make_model("llama"), windows, QuantConfig(), quantize_head=head, progress=False)
+    with pytest.raises(TypeError, match="quantize_embeddings must be True or False"):
+        quantize(make_model("qwen2"), windows, QuantConfig(), quantize_embeddings=None, progress=False)
+    for dtype in ("bfloat16", torch.int32):
+        with pytest.raises(TypeError, match="forward_dtype must be a floating-point torch.dtype"):
+            quantize(make_model("llama"), windows, QuantConfig(), forward_dtype=dtype, progress=False)
+    with pytest.raises(DataError, match="meta device"):
+        quantize(make_model("llama"), windows.to("meta"), QuantConfig(), progress=False)
+    # skipping every block Linear is fine when the embeddings (and so the tied head) are quantized
+    model = make_model("qwen2")
+    report = quantize(model, windows, QuantConfig(), skip=every, quantize_embeddings=True, progress=False)
+    assert [r.name for r in report.layers] == ["lm_head"]
+
+
+def test_calibration_ids_of_any_integer_dtype_are_taken():
+    """uint8 ids failed in the embedding (it takes int64 or int32 only)."""
+    windows = random_windows(2, 16) % 200
+    reports = [quantize(make_model("llama"), windows.to(dtype), QuantConfig(), progress=False).to_dict()["layers"]
+               for dtype in (torch.int64, torch.uint8, torch.int16)]
+    assert reports[0] == reports[1] == reports[2]
+
+
+def test_a_blocksize_past_the_width_allocates_for_the_width():
+    """errors_t was [blocksize, rows]: blocksize 10**9 asked for 448 GB on a 48-wide layer."""
+    model = make_model("llama")
+    report = quantize(model, random_windows(2, 16), QuantConfig(blocksize=10**9), progress=False)
+    assert len(report.layers) == 14
 
 
 def test_weights_outside_linear_layers_are_named(caplog):
@@ -531,3 +569,33 @@ def test_a_subclass_computing_the_same_is_recognised_in_every_dtype(dtype):
     scaled = _SameAsLinear(64, 96)
     scaled.forward = lambda x: 1.5 * nn.functional.linear(x, scaled.weight, scaled.bias)
     assert not _computes_as_linear(scaled.to(dtype))
+
+
+def test_a_model_left_in_training_mode_is_calibrated_without_dropout():
+    """from_config builds a model in training mode: with dropout on, the Hessians came from dropped-out activations
+    (two runs of the same call differed). quantize runs in eval mode and gives the model back in its mode."""
+    models = []
+    for training in (True, False):
+        model = training_with_dropout(make_model("llama")).train(training)
+        quantize(model, random_windows(4, 16), SPQR4, progress=False)
+        assert all(m.training == training for m in model.modules())  # the new SpQRLinears too
+        models.append(model.eval())
+    ids = random_windows(1, 12, seed=3)
+    assert torch.equal(_logits(models[0], ids), _logits(models[1], ids))
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-7])
+def test_weights_outside_what_fp16_statistics_hold_are_refused_naming_the_layer(scale):
+    """Weights past fp16's range failed after the sweep without the layer's name ("outlier_val contains NaN or
+    Inf"); weights of 1e-7 came out zeroed (or 1e4 times too large at 1e-9) without a word. Plain fp32 statistics
+    (no outliers) hold both."""
+    name = "model.layers.0.mlp.down_proj"
+    for method in ("spqr", "gptq", "rtn"):
+        model = make_model("llama")
+        model.get_submodule(name).weight.data.mul_(scale)
+        with pytest.raises(QuantizationError, match=f"weights of {name} (reach|are at most)"):
+            quantize(model, random_windows(2, 16), preset(method), progress=False)
+    model = make_model("llama")
+    weight = model.get_submodule(name).weight.data.mul_(scale).clone()
+    quantize(model, None, preset("rtn", stats_dtype="float32"), progress=False)
+    assert relative_error(model.get_submodule(name).dequantize(), weight) < 0.1

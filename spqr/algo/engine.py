@@ -180,7 +180,7 @@ def _sweep(weight: torch.Tensor, hinv_cho: torch.Tensor | None, d: torch.Tensor,
     recon_t = torch.empty(cols, rows)
     outlier_t = torch.zeros(cols, rows, dtype=torch.bool)
     delta_t = torch.zeros(cols, rows, dtype=torch.float16)
-    errors_t = torch.zeros(config.sweep_block, rows)
+    errors_t = torch.zeros(min(config.sweep_block, cols), rows)  # a blocksize past the width: one block
     d_list = d.tolist()
     scale_stats: list[QuantizedStat] = []
     zero_stats: list[QuantizedStat] = []

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from spqr.config import ConfigError
 from spqr.data import DataError, check_token_ids, describe, eval_windows, is_integer_tensor
+from spqr.nn import in_eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class PerplexityResult:
 
 
 @torch.inference_mode()
+@in_eval_mode
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
                batch_size: int = 4, progress: bool = True) -> PerplexityResult:
     """ppl = exp(mean over windows of the window's mean next-token NLL), windows of seqlen tokens.
@@ -37,8 +39,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     ids: the whole tokenized text [n] (int64). Each window is scored on its own (no context
     carried across windows), exactly as in the GPTQ/SpQR evaluation code.
     """
-    if batch_size < 1:
-        raise ConfigError(f"perplexity needs batch_size >= 1 windows per forward, got {batch_size}")
+    for name, value, low in (("batch_size", batch_size, 1), ("seqlen", seqlen, 2), ("max_windows", max_windows, 1)):
+        if value is None and name == "max_windows":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"perplexity needs an integer {name} >= {low}, got {value!r}")
     if not is_integer_tensor(ids) or ids.dim() != 1:
         raise DataError(f"perplexity takes the tokenized text as 1-D integer token ids, got {describe(ids)}")
     config = getattr(model, "config", None)
