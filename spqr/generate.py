@@ -192,18 +192,25 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     done = [t in eos_ids for t in token.tolist()]
     if on_token:
         on_token(tokens[0][0])
-    cache_key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.x renamed the KV cache
+    # the model's cache, under the name its output gives it (transformers 5.x renamed the KV cache; mamba's state)
+    cache_key = next((key for key in ("cache", "past_key_values", "cache_params") if key in out), None)
+    if cache_key is None:
+        raise GenerationError(f"{type(model).__name__} returned no cache with use_cache=True (its output has "
+                              f"{list(out.keys())}): spqr's generation loop needs one")
     start = time.perf_counter()
-    for _ in range(max_new_tokens - 1):
+    for step in range(max_new_tokens - 1):
         if all(done):
             break
+        # a state cache (mamba's) needs the position too in transformers 5.0 (later versions infer it)
+        position = ({"cache_position": torch.tensor([input_ids.shape[1] + step], device=input_ids.device)}
+                    if cache_key == "cache_params" else {})
         if padding:
             mask = padding["attention_mask"]
             padding = {"attention_mask": torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1),
                        "position_ids": padding["position_ids"][:, -1:] + 1}
         if seen is not None:
             seen[torch.arange(len(token), device=token.device), token] = True
-        out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding)
+        out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding, **position)
         token = next_tokens(out["logits"][:, -1], sampling, generator, seen)
         for row, t in enumerate(token.tolist()):  # finished rows go on computing; their tokens are dropped
             if not done[row]:

@@ -245,12 +245,20 @@ class _HessianCollector:
 
 
 class _Passthrough(nn.Module):
-    """Stands in for a decoder block: returns its input hidden states, or `replay` when set."""
+    """Stands in for a decoder block: returns its input hidden states, or `replay` when set. Other attributes are
+    the block's (the model's forward may read some: qwen2's `attention_type` in transformers 5.0)."""
 
-    def __init__(self, as_tuple: bool):
+    def __init__(self, block: nn.Module, as_tuple: bool):
         super().__init__()
+        self.__dict__["_block"] = block  # not a submodule: the stand-in holds no weights
         self.as_tuple = as_tuple
         self.replay: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
         hidden = self.replay if self.replay is not None else (args[0] if args else kwargs["hidden_states"])
@@ -265,7 +273,7 @@ def _head_hessian(model: nn.Module, blocks: nn.ModuleList, head_name: str, head:
     Returns (H, seconds spent accumulating it)."""
     collector = _HessianCollector({head_name: head})
     originals = list(blocks)
-    stand_ins = [_Passthrough(as_tuple) for _ in originals]
+    stand_ins = [_Passthrough(block, as_tuple) for block in originals]
     try:
         for i, stand_in in enumerate(stand_ins):
             blocks[i] = stand_in

@@ -101,8 +101,9 @@ def test_rtn_finds_weights_the_model_reads_directly(model_type, caplog):
     assert "could not run 8 tokens" not in caplog.text
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(3, 19).unsqueeze(0)).logits).all()
-    if model_type == "mamba":
-        assert "reads the weights of mixer.dt_proj directly" in caplog.text
+    # mamba's mixer reads dt_proj's weight directly on CPU in transformers 5.25 (5.0 calls the module; the synthetic
+    # case in tests/test_pipeline.py checks the probe on every version)
+    if "reads the weights of mixer.dt_proj directly" in caplog.text:
         assert all(type(layer.mixer.dt_proj) is torch.nn.Linear for layer in model.backbone.layers)
     else:
         assert "directly" not in caplog.text
