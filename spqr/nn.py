@@ -216,6 +216,8 @@ class SpQREmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not is_integer_tensor(input_ids):
             raise TypeError(f"token ids must be an integer tensor, got {input_ids.dtype} (nn.Embedding refuses it too)")
+        if "meta" in (input_ids.device.type, self.head.qweight.device.type):  # shapes only, as nn.Embedding
+            return torch.empty((*input_ids.shape, self.embedding_dim), dtype=self.dtype, device="meta")
         ids, inverse = torch.unique(input_ids, return_inverse=True)
         if len(ids) and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_embeddings):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(ids[0])}..{int(ids[-1])}")

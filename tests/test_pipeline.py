@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -399,6 +400,8 @@ def test_quantize_embeddings_reads_the_tied_head(tmp_path):
             embeddings(bad)
     with pytest.raises(IndexError, match="token ids must be in"):
         embeddings(torch.tensor([[-1, 2]]))
+    on_meta = copy.deepcopy(model).to("meta").get_input_embeddings()  # shapes only, as nn.Embedding (.item() failed)
+    assert on_meta(ids.to("meta")).shape == (2, 20, model.config.hidden_size)
     # the same as the original architecture with the decoded head as its (tied) embedding matrix
     dense = _dense_copy("qwen2", model)
     dense.get_input_embeddings().weight.data.copy_(decoded)
