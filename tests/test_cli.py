@@ -210,7 +210,7 @@ def test_a_rerun_without_overwrite_keeps_an_interrupted_runs_progress(spqr_run, 
     progress.mkdir()
     (progress / "state.json").write_text("{}")
     assert main(["quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn"]) == 2
-    assert f"the progress of an interrupted run is kept in {progress}" in capsys.readouterr().err
+    assert f"progress is kept in {progress}: --overwrite resumes from it" in capsys.readouterr().err
     assert (progress / "state.json").is_file()
     shutil.rmtree(progress)
 
@@ -229,6 +229,9 @@ def test_interruptions_and_write_failures_say_what_was_kept(model_dirs, tmp_path
               "after saving": (spqr.cli, "checkpoint_accounting")}[when]
 
     def fail(*args, **kwargs):
+        if when == "quantizing":  # as after some blocks
+            (tmp_path / ".out.partial").mkdir()
+            (tmp_path / ".out.partial" / "state.json").write_text("{}")
         raise raised
 
     monkeypatch.setattr(*target, fail)
@@ -245,6 +248,30 @@ def test_interruptions_and_write_failures_say_what_was_kept(model_dirs, tmp_path
             what == "Ctrl-C" else f"saving {out} failed: [Errno 27] File too large"
         expected = (130 if what == "Ctrl-C" else 2, kept)
     assert rc == expected[0] and expected[1] in err, err
+
+
+def test_ctrl_c_while_an_overwrite_swaps_the_directories_says_the_checkpoint_was_saved(model_dirs, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The signal is held until the new checkpoint is in place; the message said it was not written."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    args = ["quantize", str(model_dirs["llama"]), "-o", str(out), "--method", "rtn", "--overwrite"]
+    assert main(args) == 0
+    real_replace = os.replace
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        if ".old-" in str(destination):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
+    assert main([*args, "--wbits", "2"]) == 130
+    assert f"interrupted after {out} was saved (it is complete" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["wbits"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "out"]
 
 
 @pytest.mark.parametrize("case", ["missing_model", "wbits", "qq_bits", "stats_dtype", "short_calib", "eval_missing",

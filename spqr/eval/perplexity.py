@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,7 +43,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_windo
     for name, value, low in (("batch_size", batch_size, 1), ("seqlen", seqlen, 2), ("max_windows", max_windows, 1)):
         if value is None and name == "max_windows":
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        try:  # ints and integer scalars (numpy's), not floats or bools
+            valid = not isinstance(value, bool) and operator.index(value) >= low
+        except TypeError:
+            valid = False
+        if not valid:
             raise ConfigError(f"perplexity needs an integer {name} >= {low}, got {value!r}")
     if not is_integer_tensor(ids) or ids.dim() != 1:
         raise DataError(f"perplexity takes the tokenized text as 1-D integer token ids, got {describe(ids)}")

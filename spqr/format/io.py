@@ -76,10 +76,13 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         _fsync_tree(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            with deferred_interrupt():  # Ctrl-C between the two renames left out_dir nowhere
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-            shutil.rmtree(old)
+            try:
+                with deferred_interrupt():  # Ctrl-C between the two renames left out_dir nowhere
+                    os.replace(out_dir, old)
+                    os.replace(tmp, out_dir)
+            finally:
+                if old.exists():  # the previous checkpoint: gone once replaced, else back in place
+                    shutil.rmtree(old) if out_dir.exists() else os.replace(old, out_dir)
         else:
             os.replace(tmp, out_dir)
     finally:
@@ -89,20 +92,25 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 
 def _recover_killed_writers(out_dir: Path) -> None:
     """Clean up after writers of out_dir that were killed (their pid is gone): delete their temporary directories,
-    and put back a previous out_dir that one had moved aside to replace it and never did (killed between the two
-    renames); where out_dir is there, that old copy is deleted."""
+    and finish a replacement one was killed in the middle of (out_dir moved aside to `.old-PID`, the new checkpoint,
+    complete by then, still in `.tmp-PID`): the new one goes in place, or the old one back if the new is gone."""
     if not out_dir.parent.is_dir():
         return
-    for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.old-*")) + sorted(
-            out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        if ".old-" in stale.name and not out_dir.exists():
-            os.replace(stale, out_dir)
-            log.warning("spqr: %s was moved aside by a writer that was killed before replacing it: put back", out_dir)
-        else:
-            shutil.rmtree(stale, ignore_errors=True)
+
+    def dead(path: Path) -> bool:
+        pid = path.name.rsplit("-", 1)[-1]
+        return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+    for old in filter(dead, sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"))):
+        new = old.with_name(old.name.replace(".old-", ".tmp-"))
+        if not out_dir.exists():
+            chosen, which = (new, "new") if new.is_dir() else (old, "previous")
+            os.replace(chosen, out_dir)
+            log.warning("spqr: a writer of %s was killed while replacing it: the %s checkpoint put in place", out_dir,
+                        which)
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in filter(dead, out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

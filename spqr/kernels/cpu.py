@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from spqr.format.layout import LayerSpec, dequantize_layer
+from spqr.format.layout import LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class CpuKernels:
             status = self._gemv(layer, rows, x_ptr, y_ptr, threads)
             if status == 1:
                 raise MemoryError("spqr_gemv could not allocate its workspace")
-            return y if status == 0 else _exact_linear(spec, t, x)  # INPUT_OUT_OF_RANGE
+            return y if status == 0 else _reference_path(spec, t, x)  # INPUT_OUT_OF_RANGE
         if path == "amx":
             if not self.has_amx:
                 raise RuntimeError("the AMX kernel is not available on this machine (or SPQR_AMX=0)")
@@ -146,7 +146,7 @@ class CpuKernels:
             if status == 1:
                 raise MemoryError("spqr_gemm_amx could not allocate its workspace")
             if status == INPUT_OUT_OF_RANGE:
-                return _exact_linear(spec, t, x)
+                return _reference_path(spec, t, x)
             if status == 0:
                 return y  # 2: AMX refused at run time; the AVX-512 kernel computes the same
         if self._gemm(layer, rows, x_ptr, y_ptr, threads):
@@ -180,9 +180,11 @@ class CpuKernels:
         return layer
 
 
-def _exact_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] fp32 -> [..., out] through the exactly decoded W and F.linear (what the reference path does)."""
-    return torch.nn.functional.linear(x, dequantize_layer(spec, t))
+def _reference_path(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """spqr.kernels.reference_linear (imported here: that package imports this module first)."""
+    from spqr.kernels import reference_linear
+
+    return reference_linear(spec, t, x)
 
 
 def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:

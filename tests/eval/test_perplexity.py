@@ -76,6 +76,14 @@ def test_seqlen_and_max_windows_must_be_integers_in_range(seqlen, max_windows):
         perplexity(make_model("llama"), torch.arange(64) % VOCAB, seqlen, max_windows, progress=False)
 
 
+def test_integer_scalars_of_numpy_are_integers():
+    import numpy as np
+
+    model, ids = make_model("llama"), torch.arange(64) % VOCAB
+    expected = perplexity(model, ids, 16, 2, batch_size=2, progress=False).ppl
+    assert perplexity(model, ids, np.int64(16), np.int32(2), batch_size=np.int64(2), progress=False).ppl == expected
+
+
 def test_bad_evaluation_text_and_windows_are_refused():
     """Ids outside the vocabulary failed in torch.embedding, 2-D ids in a reshape; windows longer than the model's
     context were scored without a word."""

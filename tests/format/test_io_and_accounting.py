@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ from spqr.format.accounting import checkpoint_accounting, paper_formula_bits, re
 from spqr.format.io import (
     CheckpointError,
     atomic_directory,
+    check_output_dir,
     read_config,
     read_quantization_config,
     read_weights,
@@ -65,22 +67,27 @@ def test_atomic_directory_existing_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_what_a_killed_writer_left_is_cleaned_up_and_a_moved_checkpoint_put_back(tmp_path):
+def test_a_replacement_a_killed_writer_left_half_done_is_finished(tmp_path):
     """A writer killed between moving the old checkpoint aside and putting the new one in place left out_dir
-    missing and the old one in `.out.old-PID`, which nothing cleaned up or restored."""
+    missing, the old one in `.out.old-PID` and the new one (complete by then) in `.out.tmp-PID`; nothing cleaned
+    them up or put either back."""
     target = tmp_path / "out"
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
-    old, tmp = tmp_path / f".out.old-{dead}", tmp_path / f".out.tmp-{dead}"
-    for directory, text in ((old, "old"), (tmp, "new, unfinished")):
+    old, new = tmp_path / f".out.old-{dead}", tmp_path / f".out.tmp-{dead}"
+    for directory, text in ((old, "old"), (new, "new")):
         directory.mkdir()
         (directory / "a.txt").write_text(text)
-    with pytest.raises(FileExistsError):  # the old checkpoint is back first, so it is not overwritten unasked
-        with atomic_directory(target):
-            pass
+    check_output_dir(target)  # (every writer checks its output first)
+    assert (target / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    shutil.rmtree(target)
+    old.mkdir()  # killed before the new one was complete: the previous one goes back
+    (old / "a.txt").write_text("old")
+    check_output_dir(target)
     assert (target / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
     old.mkdir()  # left by a writer killed after the swap: out_dir is there, the old copy goes
-    with atomic_directory(target, overwrite=True) as new:
-        (new / "a.txt").write_text("newest")
+    new.mkdir()
+    with atomic_directory(target, overwrite=True) as fresh:
+        (fresh / "a.txt").write_text("newest")
     assert (target / "a.txt").read_text() == "newest" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -101,7 +108,7 @@ def test_a_ctrl_c_during_the_swap_is_held_until_it_is_done(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("new")
-    assert (target / "a.txt").read_text() == "new"
+    assert (target / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_write_and_read_weights_with_checksum(tmp_path):

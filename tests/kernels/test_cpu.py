@@ -139,7 +139,7 @@ def test_extreme_statistics_and_inputs(kern, magnitude):
 
 
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 1e38, -3e20])
-def test_inputs_beyond_the_kernels_range_give_what_f_linear_gives(kern, value):
+def test_inputs_beyond_the_kernels_range_give_what_f_linear_gives(kern, value, monkeypatch):
     """Infinite, NaN and huge inputs: the matrix-vector and AMX kernels (zero points factored out, bf16 parts) would
     give NaN rows or overflow, so they hand such calls to the reference path; every path gives F.linear's inf, NaN
     and finite values. Just within the limit (2^64) the kernels still compute, within fp32 rounding."""
@@ -159,8 +159,11 @@ def test_inputs_beyond_the_kernels_range_give_what_f_linear_gives(kern, value):
             assert torch.equal(y.isinf() & (y < 0), expected.isinf() & (expected < 0)), (path, rows)
             finite = expected.isfinite()
             torch.testing.assert_close(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
+    fallbacks = []  # within the limit the kernels compute, not the reference path
+    monkeypatch.setattr(kernels, "reference_linear", lambda *args: fallbacks.append(1) or pytest.fail("fallback"))
     for rows in (1, 40):
         _check(layer, kern, rows, scale=2.0**60)
+    assert not fallbacks
 
 
 def test_fp32_statistics_take_the_reference_path(kern):
