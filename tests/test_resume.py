@@ -72,22 +72,9 @@ def test_offloaded_activations_give_the_same_checkpoint(tmp_path, monkeypatch):
     assert _sha(temporary) == _sha(reference)
     assert loads and not any(p.exists() for p in loads)
     # with one: interrupted in block 1, resumed with the activations read from there
-    progress_dir = tmp_path / "progress"
-    real = spqr.pipeline.quantize_weights
-    calls = []
-
-    def interrupt_in_block_1(weights, hessian, config):
-        calls.append(1)
-        if len(calls) > 4:
-            raise KeyboardInterrupt
-        return real(weights, hessian, config)
-
-    monkeypatch.setattr(spqr.pipeline, "quantize_weights", interrupt_in_block_1)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "interrupted", progress_dir, offload=True)
+    progress_dir = _interrupted_in_block_1(tmp_path, monkeypatch, offload=True)
     assert sorted(p.name for p in (progress_dir / "activations_0001").iterdir()) == [
         f"batch_0000{i}.safetensors" for i in range(3)]  # 6 windows in batches of 2
-    monkeypatch.setattr(spqr.pipeline, "quantize_weights", real)
     loads.clear()
     resumed = _run(tmp_path, "resumed", progress_dir, offload=True)
     assert _sha(resumed) == _sha(reference)
