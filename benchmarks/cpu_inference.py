@@ -44,7 +44,7 @@ from spqr.bench import (
 )
 from spqr.data import load_text, tokenize
 from spqr.generate import generate, generate_batch, use_reference
-from spqr.hf import load_model, load_quantized
+from spqr.hf import is_quantized_checkpoint, load_model, load_quantized
 from spqr.kernels import cpu
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -287,8 +287,13 @@ def main() -> None:
                         help="sections not to run; their results in an existing --out file are kept")
     parser.add_argument("--out", type=Path, default=Path("results/cpu_inference.json"))
     args = parser.parse_args()
-    if not args.checkpoint.is_dir() and not {"smollm2", "memory", "batched"} <= set(args.skip):
-        sys.exit(f"checkpoint {args.checkpoint} not found: run `bash scripts/quickstart.sh` first or pass --checkpoint")
+    for option, value, low in (("--tokens", args.tokens, 2), ("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--llama-tokens", args.llama_tokens, 2)):
+        if value < low:  # (a decode rate needs a second token: the first comes from the prefill)
+            parser.error(f"{option} must be >= {low}, got {value}")
+    if not {"smollm2", "memory", "batched"} <= set(args.skip) and not is_quantized_checkpoint(args.checkpoint):
+        sys.exit(f"checkpoint {args.checkpoint} is not an spqr checkpoint: run `bash scripts/quickstart.sh` first or "
+                 "pass --checkpoint")
     embeddings_checkpoints = {bits: Path(args.embeddings_checkpoints.format(bits=bits)) for bits in (5, 6)}
     kernels = cpu.load()
     previous = json.loads(args.out.read_text()) if args.skip and args.out.exists() else {}
@@ -306,6 +311,7 @@ def main() -> None:
                 "memory": lambda: memory_section(args.checkpoint, embeddings_checkpoints),
                 "batched": lambda: batched_section(args.checkpoint)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    written = False
     for name, run in sections.items():
         if name.removeprefix("synthetic_") in args.skip:
             continue
@@ -315,7 +321,8 @@ def main() -> None:
         result.setdefault("section_runs", {})[name] = {**machine, "finished": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                           time.gmtime())}
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every section: a crash keeps the rest
-    log(f"wrote {args.out}")
+        written = True
+    log(f"wrote {args.out}" if written else "every section was skipped: nothing written")
 
 
 if __name__ == "__main__":

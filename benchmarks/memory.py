@@ -104,6 +104,13 @@ def main() -> None:
     parser.add_argument("--limit-fraction", type=float, default=0.5, help="memory limit / weight bytes")
     parser.add_argument("--no-offload", action="store_true", help="keep calibration activations in memory")
     args = parser.parse_args()
+    for option, value, low in (("--layers", args.layers, 1), ("--hidden", args.hidden, 64),
+                               ("--intermediate", args.intermediate, 16), ("--vocab", args.vocab, 16),
+                               ("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2)):
+        if value < low:
+            parser.error(f"{option} must be >= {low}, got {value}")
+    if not 0 < args.limit_fraction <= 4:
+        parser.error(f"--limit-fraction must be in (0, 4], got {args.limit_fraction}")
 
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "model", Path(tmp) / "quantized"
@@ -139,6 +146,8 @@ def main() -> None:
         "checkpoint_bytes": checkpoint_bytes, "quantize_seconds": seconds,
     }
     print(json.dumps(result, indent=2))
+    if proc.returncode == 2:  # the CLI refused its arguments (its message is above): not a measurement
+        raise SystemExit("spqr quantize refused the benchmark's settings; nothing written")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if not finished:

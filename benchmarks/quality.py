@@ -61,14 +61,25 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--save-dir", default=None, help="keep the checkpoints here (default: temporary)")
     args = parser.parse_args()
+    unknown = [name for name in args.recipes.split(",") if name != "fp32" and name not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; known: fp32, {', '.join(RECIPES)}")
+    for option, value, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                               ("--eval-windows", args.eval_windows, 1)):
+        if value < low:
+            parser.error(f"{option} must be >= {low}, got {value}")
     torch.set_grad_enabled(False)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out.read_text()).get("recipes", {}) if out.exists() else {}
+    setting = {k: v for k, v in vars(args).items() if k not in ("recipes", "out", "save_dir")}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if previous and {k: v for k, v in previous.get("setting", {}).items() if k in setting} != setting:
+        print(f"{out} holds results of another setting ({previous.get('setting')}): starting a new file", flush=True)
+        previous = {}
     results: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                                  "torch": torch.__version__},
-                     "setting": {k: v for k, v in vars(args).items() if k != "recipes"}, "recipes": previous}
+                     "setting": setting, "recipes": previous.get("recipes", {})}
     for name in args.recipes.split(","):
         model, tokenizer = load_model()
         ids = tokenize(tokenizer, load_text("wikitext2", "test"))

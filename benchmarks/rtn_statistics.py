@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     args = parser.parse_args()
+    for option, value, low in (("--eval-windows", args.eval_windows, 1), ("--seqlen", args.seqlen, 2)):
+        if value < low:
+            parser.error(f"{option} must be >= {low}, got {value}")
     torch.set_grad_enabled(False)
 
     model, tokenizer = load_model()

@@ -148,7 +148,9 @@ def bench_linear_shape(out_features: int, in_features: int, rows: int, wbits: in
             times[name].append(median_seconds(candidates[name], repeats, warmup=warmup, device=device))
     seconds = {name: statistics.median(t) for name, t in times.items()}
     result = {"out_features": out_features, "in_features": in_features, "rows": rows, "wbits": wbits,
-              "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share, "cold_cache": cold,
+              "beta1": beta1, "beta2": beta2, "outlier_share": outlier_share,
+              # cold only where the copies (at most 1024) outgrow the cache; small layers stay in it
+              "cold_cache": cold and len(layers) * packed_bytes(layer) >= pool,
               "weight_copies": len(layers), "packed_bytes": packed_bytes(layer), "rounds": rounds,
               "spqr_ms": 1e3 * seconds["spqr"], "spqr_packed_gbs": packed_bytes(layer) / seconds["spqr"] / 1e9}
     for name, value in seconds.items():

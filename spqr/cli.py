@@ -410,9 +410,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         else:  # the prompt decoded args.batch times side by side
             result = generate_batch(model, [ids[0]] * args.batch, args.tokens, stop_at_eos=False)
         summary["generation"] = {"model": args.model, "batch": args.batch, **result.to_dict()}
+        decode = result.decode_tokens_per_second
+        decode_text = f"{decode:.2f} tokens/s" if not math.isnan(decode) else "none (the one token is the prefill's)"
         print(f"generation{f' (batch of {args.batch})' if args.batch > 1 else ''}: prefill "
-              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode {result.decode_tokens_per_second:.2f} "
-              f"tokens/s ({args.tokens} tokens each)")
+              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode {decode_text} ({args.tokens} tokens each)")
     _write_json(summary, args.json)
     return summary
 

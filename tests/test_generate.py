@@ -500,3 +500,11 @@ def test_a_model_left_in_training_mode_generates_without_dropout():
     assert generate(model, ids, 8, stop_at_eos=False).tokens == expected
     assert generate_batch(model, [ids[0], ids[0, :3]], 8, stop_at_eos=False).tokens[0] == expected
     assert model.training
+
+
+def test_bench_calls_a_layer_that_stays_in_cache_warm():
+    """The cold pool is at most 1024 copies: a 16x32 layer's fit in the last-level cache, yet cold_cache said true."""
+    from spqr.bench import bench_linear_shape
+
+    result = bench_linear_shape(16, 32, 1, repeats=1, rounds=1, warmup=0, baselines=(torch.float32,))
+    assert result["weight_copies"] == 1024 and result["cold_cache"] is False
