@@ -295,6 +295,11 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return ids
 
 
+def _decode_rate(tokens_per_second: float) -> str:
+    """A decode speed for people: one generated token has no decode step (its rate is NaN)."""
+    return "no decode step" if math.isnan(tokens_per_second) else f"{tokens_per_second:.2f} tokens/s"
+
+
 def cmd_generate(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed,  # checked before loading
                               args.repetition_penalty)
@@ -334,7 +339,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     print(f"prefill{f' (batch of {n})' if n > 1 else ''}: {result.prompt_token_count} tokens in "
           f"{result.prefill_seconds:.3f} s ({result.prefill_tokens_per_second:.1f} tokens/s); decode: "
           f"{result.decoded_token_count} tokens in {result.decode_seconds:.3f} s "
-          f"({result.decode_tokens_per_second:.2f} tokens/s)", file=sys.stderr)
+          f"({_decode_rate(result.decode_tokens_per_second)})", file=sys.stderr)
     summary = {"model": str(args.model) if args.model else "default", "reference": args.reference,
                "sampling": sampling.to_dict(), "text": texts, **result.to_dict()}
     _write_json(summary, args.json)
@@ -410,10 +415,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         else:  # the prompt decoded args.batch times side by side
             result = generate_batch(model, [ids[0]] * args.batch, args.tokens, stop_at_eos=False)
         summary["generation"] = {"model": args.model, "batch": args.batch, **result.to_dict()}
-        decode = result.decode_tokens_per_second
-        decode_text = f"{decode:.2f} tokens/s" if not math.isnan(decode) else "none (the one token is the prefill's)"
         print(f"generation{f' (batch of {args.batch})' if args.batch > 1 else ''}: prefill "
-              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode {decode_text} ({args.tokens} tokens each)")
+              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode "
+              f"{_decode_rate(result.decode_tokens_per_second)} ({args.tokens} tokens each)")
     _write_json(summary, args.json)
     return summary
 
