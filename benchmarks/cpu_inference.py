@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import require_at_least
 
 from spqr.bench import (
     SYNTHETIC_LLAMA,
@@ -287,10 +288,9 @@ def main() -> None:
                         help="sections not to run; their results in an existing --out file are kept")
     parser.add_argument("--out", type=Path, default=Path("results/cpu_inference.json"))
     args = parser.parse_args()
-    for option, value, low in (("--tokens", args.tokens, 2), ("--prompt-tokens", args.prompt_tokens, 1),
-                               ("--llama-tokens", args.llama_tokens, 2)):
-        if value < low:  # (a decode rate needs a second token: the first comes from the prefill)
-            parser.error(f"{option} must be >= {low}, got {value}")
+    # (a decode rate needs a second token: the first comes from the prefill)
+    require_at_least(parser, ("--tokens", args.tokens, 2), ("--prompt-tokens", args.prompt_tokens, 1),
+                     ("--llama-tokens", args.llama_tokens, 2))
     if not {"smollm2", "memory", "batched"} <= set(args.skip) and not is_quantized_checkpoint(args.checkpoint):
         sys.exit(f"checkpoint {args.checkpoint} is not an spqr checkpoint: run `bash scripts/quickstart.sh` first or "
                  "pass --checkpoint")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import require_at_least
 
 
 def build_model(directory: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
@@ -104,11 +105,9 @@ def main() -> None:
     parser.add_argument("--limit-fraction", type=float, default=0.5, help="memory limit / weight bytes")
     parser.add_argument("--no-offload", action="store_true", help="keep calibration activations in memory")
     args = parser.parse_args()
-    for option, value, low in (("--layers", args.layers, 1), ("--hidden", args.hidden, 64),
-                               ("--intermediate", args.intermediate, 16), ("--vocab", args.vocab, 16),
-                               ("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2)):
-        if value < low:
-            parser.error(f"{option} must be >= {low}, got {value}")
+    require_at_least(parser, ("--layers", args.layers, 1), ("--hidden", args.hidden, 64),
+                     ("--intermediate", args.intermediate, 16), ("--vocab", args.vocab, 16),
+                     ("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2))
     if not 0 < args.limit_fraction <= 4:
         parser.error(f"--limit-fraction must be in (0, 4], got {args.limit_fraction}")
 

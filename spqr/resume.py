@@ -152,7 +152,7 @@ class ProgressStore:
                                    "blocks_return_tuples": blocks_return_tuples}))
         os.replace(tmp, self.directory / STATE_NAME)
         shutil.rmtree(self._activations_dir(index), ignore_errors=True)  # the previous block's inputs
-        return self.load_block(index)[0]
+        return self._read_block(path)[0]  # (just hashed: not checked again)
 
     def load_block(self, index: int) -> tuple[dict[str, PackedLinear], list[dict]]:
         """Packed layers by full name, and the LayerReport fields, of a finished block (its file checked against
@@ -163,6 +163,11 @@ class ProgressStore:
             raise self._damaged(f"{path.name} is missing")
         if index >= len(hashes) or sha256_file(path) != hashes[index]:
             raise self._damaged(f"{path.name} differs from the file written (its sha256)")
+        return self._read_block(path)
+
+    @staticmethod
+    def _read_block(path: Path) -> tuple[dict[str, PackedLinear], list[dict]]:
+        """A block file's packed layers and reports, as written (unchecked)."""
         with deferred_interrupt():
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:

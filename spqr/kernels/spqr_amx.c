@@ -63,7 +63,6 @@ static inline void split3_rounded(__m512 v, __m256bh *h, __m256bh *m, __m256bh *
  * x_perm split in three, zero past K and M. Returns 1 if an input is out of range (SPQR_INPUT_LIMIT), else 0. */
 static int amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int64_t m0, int64_t Kp, uint16_t *a) {
     const int64_t K = L->in_features;
-    const __m512 limit = _mm512_set1_ps(SPQR_INPUT_LIMIT);
     __mmask16 beyond = 0;
     uint16_t *block = a + (m0 / 16) * (Kp / 32) * A_PARTS;
     for (int64_t i = 0; i < 16; i++) {
@@ -74,7 +73,7 @@ static int amx_prepare_rows(const spqr_layer *L, const float *x, int64_t M, int6
                                     : K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
             __m256bh h, md, l;
             const __m512 v = load_x_perm16(L, xm, k, valid);
-            beyond |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), limit, _CMP_NLE_UQ); /* NaN too */
+            beyond |= out_of_range16(v);
             split3_rounded(v, &h, &md, &l);
             uint16_t *dst = block + (k / 32) * A_PARTS + i * 32 + (k & 16);
             _mm256_storeu_si256((__m256i *)dst, (__m256i)h);

@@ -703,14 +703,13 @@ static int permute_input(const spqr_layer *L, const float *x_in, float *x, float
     int bad = 0;    /* an input out of range (SPQR_INPUT_LIMIT) */
 #if SPQR_AVX512
     if (L->beta1 % 16 == 0) {
-        const __m512 limit = _mm512_set1_ps(SPQR_INPUT_LIMIT);
         __mmask16 beyond = 0;
         for (int64_t g = 0; g < n_groups; g++) {
             __m512 sum = _mm512_setzero_ps();
             for (int64_t k = g * L->beta1; k < (g + 1) * L->beta1 && k < K; k += 16) {
                 const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
                 const __m512 v = load_x_perm16(L, x_in, k, m);
-                beyond |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), limit, _CMP_NLE_UQ); /* NaN too */
+                beyond |= out_of_range16(v);
                 _mm512_mask_storeu_ps(x + k, m, v);
                 sum = _mm512_add_ps(sum, v);
             }

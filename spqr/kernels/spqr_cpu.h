@@ -241,6 +241,11 @@ static inline __mmask16 load_mask16(const void *p) {
     return k;
 }
 
+/* The lanes of v out of range: beyond +-SPQR_INPUT_LIMIT, or NaN (out_of_range, 16 at a time). */
+static inline __mmask16 out_of_range16(__m512 v) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(SPQR_INPUT_LIMIT), _CMP_NLE_UQ);
+}
+
 /* x_perm[k .. k+15] (lanes outside `valid` zero): x [in] in the original column order, gathered through perm. */
 static inline __m512 load_x_perm16(const spqr_layer *L, const float *x, int64_t k, __mmask16 valid) {
     if (!L->perm) return _mm512_maskz_loadu_ps(valid, x + k);
