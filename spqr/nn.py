@@ -44,6 +44,15 @@ def in_eval_mode(function):
     return wrapper
 
 
+def _no_dense_weight(module: nn.Module, what: str) -> AttributeError:
+    """The error for `module.weight` on a packed layer: says what to do instead (still an AttributeError, so
+    hasattr(module, "weight") stays False for code that checks)."""
+    return AttributeError(
+        f"{type(module).__name__} has no dense `weight`: {what}. Operations that replace or edit a layer's "
+        "weight, such as transformers' resize_token_embeddings, need the full-precision model: run them before "
+        "quantizing")
+
+
 class SpQRLinear(nn.Module):
     """Linear layer y = x Wᵀ + b whose W is stored packed (see spqr.format.layout).
 
@@ -98,6 +107,14 @@ class SpQRLinear(nn.Module):
         for name, tensor in packed.items():
             self._buffers[name] = tensor.to(device)
         return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # buffers and parameters
+        except AttributeError:
+            if name == "weight":
+                raise _no_dense_weight(self, "W is stored packed (.dequantize() gives it in fp32)") from None
+            raise
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, name: str | None = None) -> SpQRLinear:
@@ -208,6 +225,14 @@ class SpQREmbedding(nn.Module):
         self.head_name = head_name
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.dtype = dtype
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                raise _no_dense_weight(self, f"its rows are decoded from the quantized head {self.head_name}") from None
+            raise
 
     def _apply(self, fn, recurse=True):
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype

@@ -377,6 +377,23 @@ def test_quantize_head_checkpoint_round_trip(tmp_path):
     assert torch.equal(_logits(via_transformers, ids), _logits(model, ids))
 
 
+def test_a_packed_layers_missing_weight_is_explained():
+    """`.weight` of a quantized head or embedding (transformers' resize_token_embeddings reads it) says why there is
+    none and what to do, and hasattr stays False for code that checks."""
+    from spqr.nn import SpQREmbedding
+
+    model = make_model("qwen2")
+    quantize(model, None, preset("rtn"), quantize_head=True, quantize_embeddings=True, progress=False)
+    assert isinstance(model.get_input_embeddings(), SpQREmbedding)
+    assert not hasattr(model.lm_head, "weight") and not hasattr(model.get_input_embeddings(), "weight")
+    with pytest.raises(AttributeError, match="SpQREmbedding has no dense `weight`.*head lm_head.*before quantizing"):
+        model.resize_token_embeddings(model.config.vocab_size + 8)
+    with pytest.raises(AttributeError, match=r"SpQRLinear has no dense `weight`: W is stored packed \(.dequantize"):
+        _ = model.lm_head.weight
+    with pytest.raises(AttributeError, match="'SpQRLinear' object has no attribute 'wieght'"):  # others as before
+        _ = model.lm_head.wieght
+
+
 def test_quantize_embeddings_reads_the_tied_head(tmp_path):
     from transformers import AutoModelForCausalLM
 
