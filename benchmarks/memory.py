@@ -52,6 +52,19 @@ def build_model(directory: Path, layers: int, hidden: int, intermediate: int, vo
     return size
 
 
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup paths by controller ("" for the v2 hierarchy), from /proc/self/cgroup."""
+    paths = {}
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path
+    except (OSError, ValueError):
+        pass
+    return paths
+
+
 class MemoryCgroup:
     """A memory cgroup (v2 or v1) with a hard limit and no swap, or None from `create` if impossible."""
 
@@ -60,19 +73,29 @@ class MemoryCgroup:
 
     @classmethod
     def create(cls, limit_bytes: int) -> MemoryCgroup | None:
+        """A new cgroup under the caller's own (so that the caller's limits still hold), else under the hierarchy's
+        root; one whose limit cannot be set (memory controller not enabled there) is removed and not used."""
         name = f"spqr-memory-bench-{os.getpid()}"
-        for root, version, files in ((Path("/sys/fs/cgroup"), 2, {"memory.max": limit_bytes, "memory.swap.max": 0}),
-                                     (Path("/sys/fs/cgroup/memory"), 1, {"memory.limit_in_bytes": limit_bytes})):
-            if version == 2 and not (root / "cgroup.controllers").is_file():
-                continue
+        v2_root, v1_root = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+        own = _own_cgroups()
+        if (v2_root / "cgroup.controllers").is_file():
+            places = [(v2_root / own.get("", "").lstrip("/"), 2), (v2_root, 2)]
+        else:
+            places = [(v1_root / own.get("memory", "").lstrip("/"), 1), (v1_root, 1)]
+        for parent, version in dict.fromkeys(places):
+            limit_file = "memory.max" if version == 2 else "memory.limit_in_bytes"
+            path = parent / name
             try:
-                (root / name).mkdir()
-                for file, value in files.items():
-                    if (root / name / file).exists():
-                        (root / name / file).write_text(str(value))
-                return cls(root / name, version)
+                path.mkdir()
             except OSError:
                 continue
+            try:
+                (path / limit_file).write_text(str(limit_bytes))
+                if version == 2 and (path / "memory.swap.max").exists():
+                    (path / "memory.swap.max").write_text("0")
+                return cls(path, version)
+            except OSError:
+                path.rmdir()
         return None
 
     def add_self(self) -> None:
