@@ -325,8 +325,13 @@ def cmd_generate(args: argparse.Namespace) -> dict:
             print(text[printed:], end="", flush=True)
             printed = max(printed, len(text))
 
-        result = generate(model, prompts[0], args.max_new_tokens, stop_at_eos=not args.ignore_eos, on_token=stream,
-                          sampling=sampling)
+        try:
+            result = generate(model, prompts[0], args.max_new_tokens, stop_at_eos=not args.ignore_eos,
+                              on_token=stream, sampling=sampling)
+        except (Exception, KeyboardInterrupt) as e:  # the error's message goes on a line of its own
+            if printed and not isinstance(e, BrokenPipeError):
+                print()
+            raise
         texts: str | list[str] = tokenizer.decode(result.tokens, skip_special_tokens=True)
         print(texts[printed:])  # what was held back: a character the generation ended in the middle of
     else:  # side by side, printed when all are done
@@ -416,8 +421,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             result = generate_batch(model, [ids[0]] * args.batch, args.tokens, stop_at_eos=False)
         summary["generation"] = {"model": args.model, "batch": args.batch, **result.to_dict()}
         print(f"generation{f' (batch of {args.batch})' if args.batch > 1 else ''}: prefill "
-              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode "
-              f"{_decode_rate(result.decode_tokens_per_second)} ({args.tokens} tokens each)")
+              f"{result.prefill_tokens_per_second:.1f} tokens/s, decode: "
+              f"{_decode_rate(result.decode_tokens_per_second)} ({args.tokens} token{'s' * (args.tokens > 1)} each)")
     _write_json(summary, args.json)
     return summary
 
@@ -572,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spqr {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`spqr generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 141  # 128 + SIGPIPE: as a process that SIGPIPE ended
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +29,8 @@ GREEDY = SamplingConfig()
 
 
 class GenerationError(ValueError):
-    """The model's output cannot be decoded into tokens (NaN or +inf logits, or -inf for every token)."""
+    """The model's output cannot be decoded into tokens (NaN or +inf logits, or -inf for every token), or the model
+    cannot go past its context."""
 
 
 class _Throughput:
@@ -105,8 +107,9 @@ def _last_logits_only(model: nn.Module) -> dict[str, int]:
 
 def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The distribution a sampled token is drawn from: logits [..., V] -> probabilities [..., V] (fp32) of
-    softmax(logits / temperature), zero outside the top_k most likely tokens and outside the smallest set
-    of most likely tokens whose probability reaches top_p, renormalized. Needs temperature > 0.
+    softmax(logits / temperature), zero outside the top_k most likely tokens, then outside the smallest set of the
+    remaining most likely tokens whose renormalized probability reaches top_p (transformers' order), renormalized.
+    Needs temperature > 0.
 
     The logits are shifted by their maximum before the division, so a tiny temperature gives 0 and -inf (the
     argmax, ties shared), not inf - inf."""
@@ -118,7 +121,9 @@ def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> to
         if sampling.top_k:
             keep[..., sampling.top_k:] = False
         if sampling.top_p < 1:  # a token stays while the more likely ones before it sum to less than top_p
-            keep &= (sorted_probs.cumsum(-1) - sorted_probs) < sampling.top_p
+            kept = sorted_probs * keep
+            kept = kept / kept.sum(-1, keepdim=True)
+            keep &= (kept.cumsum(-1) - kept) < sampling.top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
     return probs / probs.sum(-1, keepdim=True)
 
@@ -137,6 +142,7 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all(-1).any():
         raise GenerationError("the model produced NaN or +inf logits, or -inf for every token (are its weights and "
                               "inputs finite?)")
+    logits = logits.float()  # as transformers' generate: the penalty in bf16 changed tokens
     if seen is not None and sampling.repetition_penalty != 1:
         logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
@@ -164,8 +170,13 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The generation loop over input_ids [B, T] (left-padded where attention_mask [B, T] says so; None: no
     padding): each row's new tokens, the prefill and the decode seconds. A row stops at its first
     end-of-sequence token (the batch goes on while any row has not); on_token gets row 0's tokens."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    try:
+        count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)  # numpy, 0-d tensors
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = count
     sampling = GREEDY if sampling is None else sampling
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a spqr.SamplingConfig, got {type(sampling).__name__}")
@@ -178,8 +189,26 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     padding = {}
     if attention_mask is not None:  # positions count each row's own tokens only
         padding = {"attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}
+    prompt_length = input_ids.shape[1]
+
+    def forward(length: int, **inputs) -> dict:
+        """The model's forward over a sequence of `length` tokens so far; past the context, a model with a table of
+        positions (opt, gpt_bigcode, gptj, ...) fails deep inside with an IndexError: say what happened."""
+        try:
+            return model(use_cache=True, **inputs)
+        except (IndexError, RuntimeError) as e:
+            if isinstance(context, int) and length > context:
+                advice = (f"the prompt alone has {prompt_length} tokens" if prompt_length > context else
+                          f"with {prompt_length} prompt tokens, ask for at most {context - prompt_length + 1} new "
+                          "tokens (the last one is never read back)")
+                raise GenerationError(
+                    f"{type(model).__name__} failed on token {length} of the sequence, past its context of "
+                    f"{context} positions (models with a table of positions cannot go beyond it): {advice} "
+                    f"({type(e).__name__}: {e})") from e
+            raise
+
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, **padding, **_last_logits_only(model))
+    out = forward(prompt_length, input_ids=input_ids, **padding, **_last_logits_only(model))
     seen = None  # [B, V]: the tokens of each row's prompt (not its padding) and output, for the repetition penalty
     if sampling.repetition_penalty != 1:
         seen = torch.zeros(len(input_ids), out["logits"].shape[-1], dtype=torch.bool, device=input_ids.device)
@@ -210,7 +239,8 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
                        "position_ids": padding["position_ids"][:, -1:] + 1}
         if seen is not None:
             seen[torch.arange(len(token), device=token.device), token] = True
-        out = model(input_ids=token[:, None], use_cache=True, **{cache_key: out[cache_key]}, **padding, **position)
+        out = forward(prompt_length + step + 1, input_ids=token[:, None], **{cache_key: out[cache_key]}, **padding,
+                      **position)
         token = next_tokens(out["logits"][:, -1], sampling, generator, seen)
         for row, t in enumerate(token.tolist()):  # finished rows go on computing; their tokens are dropped
             if not done[row]:

@@ -12,7 +12,7 @@ from torch.autograd import forward_ad
 
 from spqr import kernels
 from spqr.data import is_integer_tensor
-from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, dequantize_rows, validate_layer
+from spqr.format.layout import LayerSpec, PackedLinear, dequantize_layer, validate_layer
 
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 # a fast gate (~0.1 us) before the per-device autocast query (~0.5-1 us of a ~16 us layer call), where torch has it
@@ -84,10 +84,19 @@ class SpQRLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """load_state_dict copies into the packed buffers in place: check what would result first."""
-        incoming = {key: state_dict[prefix + key] for key in self.packed_tensors() if prefix + key in state_dict}
+        own = self.packed_tensors()
+        incoming = {key: state_dict[prefix + key] for key in own if prefix + key in state_dict}
+        name = prefix.rstrip(".") or "SpQRLinear"
+        resized = [f"{key} {tuple(tensor.shape)} (this layer: {tuple(own[key].shape)})" for key, tensor in
+                   incoming.items() if isinstance(tensor, torch.Tensor) and tensor.shape != own[key].shape]
+        if resized:  # refused before anything is copied: a layer half overwritten would read out of bounds
+            error_msgs.append(f"{name}: the state dict's packed tensors have other shapes than this layer's (another "
+                              f"outlier count, say): {', '.join(resized)}. Build the model from that checkpoint "
+                              "(spqr.load_quantized) instead")
+            return
         try:
             if incoming:
-                validate_layer(self.spec, {**self.packed_tensors(), **incoming}, prefix.rstrip(".") or "SpQRLinear")
+                validate_layer(self.spec, {**own, **incoming}, name)
         except ValueError as e:
             error_msgs.append(str(e))
             return
@@ -95,17 +104,18 @@ class SpQRLinear(nn.Module):
                                       error_msgs)
 
     def _apply(self, fn, recurse=True):
-        """Moves follow `fn`, casts do not: model.to(torch.bfloat16) or .half() must leave the packed
-        tensors' dtypes alone (they are bit patterns and fp16 statistics), while the bias is cast."""
+        """The packed tensors follow `fn` except where it would change their dtype: model.to(torch.bfloat16) or
+        .half() must leave them alone (they are bit patterns and fp16 statistics) and only move them, while the
+        bias is cast; moves, share_memory() and the like apply as to any buffer."""
         packed = dict(self._buffers)
         self._buffers.clear()
         try:
             super()._apply(fn, recurse)
-            device = fn(torch.empty(0, device=packed["qweight"].device)).device
         finally:
             self._buffers.update(packed)
         for name, tensor in packed.items():
-            self._buffers[name] = tensor.to(device)
+            applied = fn(tensor)
+            self._buffers[name] = applied if applied.dtype == tensor.dtype else tensor.to(applied.device)
         return self
 
     def __getattr__(self, name: str):
@@ -131,6 +141,8 @@ class SpQRLinear(nn.Module):
         return dequantize_layer(self.spec, self.packed_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:  # as nn.Linear takes them: each component through the layer
+            return torch.nested.as_nested_tensor([self(component) for component in x.unbind()], layout=x.layout)
         if self.use_reference:
             y = kernels.reference_linear(self.spec, self._buffers, x)
         elif (type(x) is torch.Tensor and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
@@ -243,12 +255,8 @@ class SpQREmbedding(nn.Module):
             raise TypeError(f"token ids must be an integer tensor, got {input_ids.dtype} (nn.Embedding refuses it too)")
         if "meta" in (input_ids.device.type, self.head.qweight.device.type):  # shapes only, as nn.Embedding
             return torch.empty((*input_ids.shape, self.embedding_dim), dtype=self.dtype, device="meta")
-        ids, inverse = torch.unique(input_ids, return_inverse=True)
-        if len(ids) and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_embeddings):
-            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(ids[0])}..{int(ids[-1])}")
-        head = self.head
-        rows = dequantize_rows(head.spec, head.packed_tensors(), ids.to(head.qweight.device))
-        return rows.to(device=input_ids.device, dtype=self.dtype)[inverse]
+        rows = kernels.embedding(self.head.spec, self.head.packed_tensors(), input_ids)
+        return rows.to(device=input_ids.device, dtype=self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of a quantized head"

@@ -128,6 +128,10 @@ def test_sampling_probabilities_truncate_and_renormalize():
     torch.testing.assert_close(tie, torch.tensor([1.0, 0.0, 0.0, 0.0]))  # ties: the lowest token id
     bf16 = sampling_probabilities(logits.bfloat16(), SamplingConfig(temperature=1.0))
     assert bf16.dtype == torch.float32 and abs(float(bf16.sum()) - 1) < 1e-6
+    # top_p applies to the top_k tokens renormalized (transformers' order): 0.4 of 0.7 already reaches 0.5 there,
+    # while over the whole distribution 0.4 + 0.3 was needed
+    torch.testing.assert_close(sampling_probabilities(logits, SamplingConfig(temperature=1.0, top_k=2, top_p=0.5)),
+                               torch.tensor([0.0, 1.0, 0.0, 0.0]))
 
 
 def test_sampled_tokens_follow_the_distribution():
@@ -168,6 +172,10 @@ def test_repetition_penalty():
     assert batch.tokens == [[0, 1, 2, 0], [0, 2, 0, 0]]  # a token is penalized once, however often it recurs
     sampled = SamplingConfig(temperature=1.0, top_k=1, repetition_penalty=10.0, seed=2)
     assert generate(model, torch.tensor([[3]]), 4, sampling=sampled).tokens == [0, 1, 2, 0]
+    # bf16 logits are penalized in fp32, as transformers does: 3 / 1.3 = 2.3077 rounds to bf16's 2.3125 and tied
+    # with the unseen token's 2.3125, so the seen token 0 won the argmax
+    logits = torch.tensor([[3.0, 2.3125]], dtype=torch.bfloat16)
+    assert next_tokens(logits, SamplingConfig(repetition_penalty=1.3), None, torch.tensor([[True, False]])) == 1
 
 
 @pytest.mark.parametrize("bad", [{3: math.nan}, {3: math.inf}, dict.fromkeys(range(8), -math.inf)])
@@ -431,6 +439,35 @@ def test_generating_past_the_context_warns(caplog):
     assert "3 prompt tokens + 6 new tokens exceed the model's context of 8 positions" in caplog.text
 
 
+def test_generating_past_a_table_of_positions_is_a_clear_error():
+    """opt, gpt_bigcode, gptj, ... look their positions up in a table: past the context an IndexError from deep
+    inside ended the generation (and `spqr generate` with a traceback)."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(OPTConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=16))
+    prompt = torch.tensor([[2, 5, 7, 9, 11, 13, 3, 4, 8, 6]])
+    assert len(generate(model, prompt, 7, stop_at_eos=False).tokens) == 7  # the 7th is never read back
+    with pytest.raises(GenerationError, match="OPTForCausalLM failed on token 17 of the sequence, past its context "
+                                              "of 16 positions .* ask for at most 7 new tokens"):
+        generate(model, prompt, 8, stop_at_eos=False)
+    with pytest.raises(GenerationError, match="on token 20 .* the prompt alone has 20 tokens"):
+        generate(model, torch.arange(20).remainder(50)[None], 1)
+
+
+def test_max_new_tokens_takes_any_integer():
+    import numpy as np
+
+    model = FixedLogits(torch.tensor([0.0, 1.0]))
+    for count in (np.int64(3), torch.tensor(3)):
+        assert len(generate(model, torch.tensor([[0]]), count).tokens) == 3
+    for bad in (True, 2.0, np.float64(3), torch.tensor(3.0), 0):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            generate(model, torch.tensor([[0]]), bad)
+
+
 def test_cli_streams_characters_split_across_tokens(quantized_llama, tokenizer, monkeypatch, capsys):
     """Byte-level tokens of a multi-byte character decode to U+FFFD until the last one: the stream printed
     '��� caf�' for '日本語 café', and never the characters themselves."""
@@ -454,6 +491,33 @@ def test_cli_streams_characters_split_across_tokens(quantized_llama, tokenizer, 
     ids[:] = cut
     assert main(["generate", str(quantized_llama[2]), "--prompt", "The"]) == 0
     assert capsys.readouterr().out == tokenizer.decode(cut) + "\n"
+
+
+def test_cli_generate_ends_the_streamed_line_before_an_error(quantized_llama, monkeypatch, capsys):
+    import spqr.cli
+
+    def failing_generate(model, prompt, max_new_tokens, stop_at_eos, on_token, sampling):
+        on_token(5)
+        raise GenerationError("the model produced NaN")
+
+    monkeypatch.setattr(spqr.cli, "generate", failing_generate)
+    assert main(["generate", str(quantized_llama[2]), "--prompt", "The"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and len(captured.out) > 1
+    assert captured.err.strip().endswith("spqr generate: error: the model produced NaN")
+
+
+def test_cli_generate_into_a_closed_pipe_stops_quietly(quantized_llama):
+    """`spqr generate ... | head -c 50`: the stream's print raised BrokenPipeError, a traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "spqr.cli", "generate", str(quantized_llama[2]), "--prompt",
+                                "The", "--max-new-tokens", "20", "--ignore-eos"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader goes away before anything is written
+    assert process.wait(timeout=300) == 141
+    assert "Traceback" not in process.stderr.read()
 
 
 def test_generation_stops_at_the_generation_configs_end_of_turn_token(tmp_path, tokenizer):

@@ -143,8 +143,10 @@ def test_inputs_the_layer_cannot_take_are_refused_on_every_path(bad, error, mess
 @pytest.mark.parametrize("corrupt,message", [
     (lambda t: t["outlier_row_ptr"].__setitem__(-1, 2**30), "outlier_row_ptr is not a valid CSR"),
     (lambda t: t["outlier_col"].__setitem__(0, 30000), "outlier_col has indices outside"),
-    (lambda t: t["perm"].__setitem__(0, -30000), "perm is not a permutation"),
-    (lambda t: t.__setitem__("qweight", t["qweight"][:1]), r"qweight has dtype torch.int32 and shape \(1, "),
+    (lambda t: t["perm"].__setitem__(0, -30000), "perm has indices outside"),
+    (lambda t: t["perm"].__setitem__(0, t["perm"][1]), "perm is not a permutation"),
+    (lambda t: t.__setitem__("qweight", t["qweight"][:1]),
+     r"qweight has dtype torch.int32 and shape \(1, |qweight \(1, 2, 3, 16\) \(this layer: \(4, "),
     (lambda t: t.__setitem__("scale_scale", t["scale_scale"].float()), "scale_scale has dtype torch.float32"),
     (lambda t: t.pop("zero_codes"), "zero_codes is missing"),
 ])
@@ -235,3 +237,85 @@ def test_autocast_gives_the_dtype_nn_linear_gives():
         assert on_meta(torch.empty(2, 64, device="meta")).shape == (2, 48)
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_state_dict_with_another_outlier_count_is_refused_before_anything_is_copied():
+    """The copy into the packed buffers failed only at outlier_col, after qweight, the statistics and the row
+    pointers had been overwritten: a caller that caught the error kept a layer reading past its outlier arrays
+    (NaN, or a segfault on a large layer)."""
+    layer = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.01, seed=1))
+    other = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.1, seed=2))
+    x = torch.randn(3, 64)
+    before = {name: tensor.clone() for name, tensor in layer.packed_tensors().items()}
+    expected = layer(x)
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match=r"other shapes than this layer's.*outlier_col \(\d+,\) \(this layer"):
+            layer.load_state_dict(other.state_dict(), assign=assign)
+        assert all(torch.equal(before[name], tensor) for name, tensor in layer.packed_tensors().items())
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("replace", ["qweight", "outlier_row_ptr", "functional_call"])
+def test_packed_tensors_that_reach_the_kernels_another_way_are_checked(replace):
+    """A buffer assigned, or swapped in by torch.func.functional_call, was read unchecked: a qweight of one tile for
+    four gave finite garbage, another layer's row pointers NaN (reads past the outlier arrays)."""
+    from torch.func import functional_call
+
+    layer = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.01, seed=1))
+    other = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.1, seed=2))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(functional_call(layer, dict(other.named_buffers()), (x,)), other(x))  # consistent
+    with pytest.raises(ValueError, match="qweight has dtype torch.int32 and shape" if replace == "qweight" else
+                       "outlier_row_ptr is not a valid CSR row pointer array"):
+        if replace == "qweight":
+            layer.qweight = layer.qweight[:1]
+            layer(x)
+        elif replace == "outlier_row_ptr":
+            layer.outlier_row_ptr = other.outlier_row_ptr
+            layer(x)
+        else:
+            functional_call(layer, {"outlier_row_ptr": other.outlier_row_ptr}, (x,))
+
+
+def test_the_ops_kernel_view_is_not_taken_for_new_tensors_at_the_same_addresses():
+    """Calls through the registered op find their C view by the tensors' addresses; new tensor objects there (views,
+    or memory reused after a free) may hold what was never checked."""
+    layer = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.01, seed=1))
+    x = torch.randn(3, 64)
+    tensors = dict(layer._buffers)
+    kernels.linear(layer.spec, tensors, x)  # its view is now cached by the addresses
+    same_addresses = {name: tensor.view(tensor.shape) for name, tensor in tensors.items()}
+    same_addresses["outlier_row_ptr"][5:] = 10**6  # in place: what the new objects hold was never checked
+    with pytest.raises(ValueError, match="outlier_row_ptr is not a valid CSR row pointer array"):
+        kernels.linear(layer.spec, same_addresses, x)
+
+
+def test_float64_inputs_are_computed_in_float64():
+    """float64 went through the fp32 kernels (1.4e-7 off; gradcheck failed where it passes for nn.Linear)."""
+    layer, dense = _layer_and_dense()
+    layer, dense = layer.double(), dense.double()
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_tensors_are_taken_as_nn_linear_takes_them(layout):
+    layer, dense = _layer_and_dense()
+    nested = torch.nested.nested_tensor([torch.randn(2, 64), torch.randn(5, 64)], layout=layout)
+    out = layer(nested)
+    assert out.is_nested and out.layout == layout
+    for got, expected in zip(out.unbind(), dense(nested).unbind()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_share_memory_and_casts_of_the_packed_tensors():
+    """share_memory() left the packed tensors private (they followed moves only); casts still leave their dtypes."""
+    layer, _ = _layer_and_dense()
+    dtypes = {name: tensor.dtype for name, tensor in layer.named_buffers()}
+    layer.share_memory()
+    assert all(tensor.is_shared() for tensor in layer.buffers()) and layer.bias.is_shared()
+    for cast in (torch.float64, torch.bfloat16):
+        layer.to(cast)
+        assert {name: tensor.dtype for name, tensor in layer.named_buffers()} == dtypes and layer.bias.dtype == cast

@@ -394,6 +394,29 @@ def test_a_packed_layers_missing_weight_is_explained():
         _ = model.lm_head.wieght
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, still used
+def test_quantized_embeddings_trace_export_and_compile():
+    """The lookup's sizes depend on the ids (distinct ids, the rows' outliers): torch.jit.trace fixed them in the
+    graph (rows without their outliers for other ids: 13% off, or a failure for another number of distinct ids), and
+    torch.export / torch.compile(fullgraph=True) failed on them. One opaque op (spqr::embedding) records it."""
+    model = make_model("qwen2")
+    quantize(model, random_windows(6, 16), SPQR4, quantize_embeddings=True, progress=False)
+    embeddings = model.get_input_embeddings()
+    outliers = model.lm_head.outlier_row_ptr.diff()
+    plain, with_outliers = (outliers == 0).nonzero().flatten()[:4], (outliers > 0).nonzero().flatten()[:4]
+    assert len(plain) == len(with_outliers) == 4
+    ids, others = plain.view(1, 4), [with_outliers.view(1, 4), torch.tensor([[7, 7, 9, 7]])]
+    traced = torch.jit.trace(embeddings, ids)
+    assert "spqr::embedding" in str(traced.graph)
+    exported = torch.export.export(embeddings, (ids,)).module()
+    compiled = torch.compile(embeddings, fullgraph=True, backend="eager")
+    for graph in (traced, exported, compiled):
+        for other in others:
+            assert torch.equal(graph(other), embeddings(other))
+    with pytest.raises((IndexError, RuntimeError), match="token ids must be in"):
+        traced(torch.tensor([[0, 1, 2, 300]]))
+
+
 def test_quantize_embeddings_reads_the_tied_head(tmp_path):
     from transformers import AutoModelForCausalLM
 

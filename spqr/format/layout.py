@@ -254,16 +254,10 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
     return weight
 
 
-def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
-    """Check a layer's tensors; raise ValueError naming the problem. The kernels trust what passes: a bad index
-    would make them read out of bounds.
-
-    Every tensor of the spec is present with its dtype and shape (the bias: floating point, any precision); CSR
-    row pointers start at 0, never decrease and end at nnz; column indices are in range and strictly ascending
-    within each row; the permutation is a true permutation; stored fp16 statistics, outlier values and the bias
-    are finite.
-    """
+def _check_shapes(spec: LayerSpec, t: dict[str, torch.Tensor], name: str, with_bias: bool) -> None:
     for key, (shape, dtype) in spec.expected_tensors().items():
+        if key == "bias" and not with_bias:
+            continue
         tensor = t.get(key)
         if tensor is None:
             raise ValueError(f"{name}: tensor {key} is missing")
@@ -272,6 +266,18 @@ def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> No
         if tensor.dtype != dtype or (tuple(tensor.shape) != shape if shape else tensor.dim() != 1):
             raise ValueError(f"{name}: tensor {key} has dtype {tensor.dtype} and shape {tuple(tensor.shape)}, "
                              f"expected {dtype} and {shape or '1-D'}")
+
+
+def check_indices(spec: LayerSpec, t: dict[str, torch.Tensor], name: str, bias: bool = False) -> None:
+    """What keeps a kernel reading a layer's tensors within bounds; raise ValueError naming the problem. Cheap
+    (O(out + in + outliers), no sorting), so the CPU kernels check every new set of tensors before they first
+    read it (spqr.kernels.cpu), whichever way it reached the module.
+
+    Every packed tensor of the spec is present with its dtype and shape; CSR row pointers start at 0, never
+    decrease and end at nnz; column and permutation indices are in range. The bias (which a kernel does not
+    read) only with `bias`: floating point, any precision.
+    """
+    _check_shapes(spec, t, name, bias)
     if any(tensor.device.type == "meta" for tensor in t.values()):
         return  # placeholders (a model built before its weights are loaded): no values to check yet
     nnz = t["outlier_val"].numel()
@@ -280,9 +286,22 @@ def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> No
     row_ptr = t["outlier_row_ptr"].long()
     if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr.diff() < 0).any()):
         raise ValueError(f"{name}: outlier_row_ptr is not a valid CSR row pointer array for {nnz} outliers")
-    cols = t["outlier_col"].long()
-    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= spec.in_features):
-        raise ValueError(f"{name}: outlier_col has indices outside [0, {spec.in_features})")
+    for key, size in (("outlier_col", spec.in_features), ("perm", spec.in_features)):
+        if key in t and t[key].numel() and (int(t[key].min()) < 0 or int(t[key].max()) >= size):
+            raise ValueError(f"{name}: {key} has indices outside [0, {size})")
+
+
+def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
+    """Check a layer's tensors; raise ValueError naming the problem. The kernels trust what passes.
+
+    check_indices (the bias too), and: column indices are strictly ascending within each row; the permutation is
+    a true permutation; stored fp16 statistics, outlier values and the bias are finite.
+    """
+    check_indices(spec, t, name, bias=True)
+    if any(tensor.device.type == "meta" for tensor in t.values()):
+        return
+    nnz = t["outlier_val"].numel()
+    row_ptr, cols = t["outlier_row_ptr"].long(), t["outlier_col"].long()
     if nnz > 1:
         rows = csr_rows(row_ptr, spec.out_features)
         same_row = rows[1:] == rows[:-1]

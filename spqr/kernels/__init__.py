@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from spqr.format.layout import LayerSpec, dequantize_layer
+from spqr.format.layout import LayerSpec, dequantize_layer, dequantize_rows
 from spqr.kernels import cpu
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
     """x [..., in] (CPU) -> [..., out] in x's dtype through the C kernels, computing in fp32 (cache: the calling
     module's cpu.LayerCache)."""
     kernels = kernels or cpu.load()
-    if kernels is None or not spec.kernel_friendly:
+    if kernels is None or not spec.kernel_friendly or x.dtype == torch.float64:  # float64 stays float64
         return reference_linear(spec, t, x)
     if x.dtype == torch.float32 and x.is_contiguous():
         x32 = x  # checked by kernels.matmul
@@ -117,7 +117,26 @@ def _dequantize(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
     return dequantize_layer(*_unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape))
 
 
+_LIBRARY.define("embedding(Tensor ids, Tensor qweight, Tensor[] stats, Tensor? perm, Tensor row_ptr, "
+                "Tensor outlier_col, Tensor outlier_val, int[] shape) -> Tensor")
+
+
+def embedding_rows(spec: LayerSpec, t: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (an integer tensor of any shape) of the layer's W: fp32 [*ids.shape, in_features] on the
+    layer's device, each distinct row decoded once (dequantize_rows); IndexError for ids outside [0, out)."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    if len(unique) and (int(unique[0]) < 0 or int(unique[-1]) >= spec.out_features):
+        raise IndexError(f"token ids must be in [0, {spec.out_features}), got {int(unique[0])}..{int(unique[-1])}")
+    device = t["qweight"].device
+    return dequantize_rows(spec, t, unique.to(device))[inverse.to(device)]
+
+
+def _embedding(ids, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
+    return embedding_rows(*_unpack_args(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape), ids)
+
+
 _LIBRARY.impl("dequantize", _dequantize, "CompositeExplicitAutograd")
+_LIBRARY.impl("embedding", _embedding, "CompositeExplicitAutograd")
 _LIBRARY.impl("linear", _linear_cpu, "CPU")
 _LIBRARY.impl("linear", _linear_cuda, "CUDA")
 _LIBRARY.impl("linear", _linear_reference, "CompositeExplicitAutograd")  # any other device
@@ -131,6 +150,11 @@ def _(x, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
 @torch.library.register_fake("spqr::dequantize")
 def _(qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
     return qweight.new_empty((shape[1], shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("spqr::embedding")
+def _(ids, qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape):
+    return qweight.new_empty((*ids.shape, shape[0]), dtype=torch.float32)
 
 
 def _setup_backward(ctx, inputs, output) -> None:
@@ -153,12 +177,21 @@ def _backward(ctx, grad: torch.Tensor) -> tuple:
 torch.library.register_autograd("spqr::linear", _backward, setup_context=_setup_backward)
 
 
-def linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> x W_layerᵀ [..., out] through torch.ops.spqr.linear (bias not added).
-
-    The op's shape argument is [in_features, out_features, wbits, beta1, beta2, qq_bits (0: plain statistics,
-    fp16 or fp32 as the tensors say)].
-    """
+def _op_args(spec: LayerSpec, t: dict[str, torch.Tensor]) -> tuple:
+    """A layer as the ops take it: qweight, stats, perm, row_ptr, outlier_col, outlier_val, shape = [in_features,
+    out_features, wbits, beta1, beta2, qq_bits (0: plain statistics, fp16 or fp32 as the tensors say)]."""
     shape = [spec.in_features, spec.out_features, spec.wbits, spec.beta1, spec.beta2, spec.qq_bits or 0]
-    return torch.ops.spqr.linear(x, t["qweight"], [t[name] for name in stat_names(spec)], t.get("perm"),
-                                 t["outlier_row_ptr"], t["outlier_col"], t["outlier_val"], shape)
+    return (t["qweight"], [t[name] for name in stat_names(spec)], t.get("perm"), t["outlier_row_ptr"],
+            t["outlier_col"], t["outlier_val"], shape)
+
+
+def linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> x W_layerᵀ [..., out] through torch.ops.spqr.linear (bias not added)."""
+    return torch.ops.spqr.linear(x, *_op_args(spec, t))
+
+
+def embedding(spec: LayerSpec, t: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """embedding_rows through torch.ops.spqr.embedding: one opaque op, so that torch.jit.trace, torch.export and
+    torch.compile record the lookup instead of fixing its data-dependent sizes (the number of distinct ids, the
+    rows' outlier counts) into the graph."""
+    return torch.ops.spqr.embedding(ids, *_op_args(spec, t))

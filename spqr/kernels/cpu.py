@@ -19,11 +19,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
-from spqr.format.layout import LayerSpec
+from spqr.format.layout import LayerSpec, check_indices
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class CpuKernels:
         self._gemm_amx = lib.spqr_gemm_amx
         self._gemm_amx.argtypes = signature
         self._gemm_amx.restype = ctypes.c_int
-        self._layers: dict[tuple, tuple[LayerSpec, LayerStruct]] = {}
+        self._layers: dict[tuple, tuple[LayerSpec, LayerStruct, tuple]] = {}
 
     def matmul(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor, path: str = "auto",
                gemv_max_rows: int = 8, cache: LayerCache | None = None) -> torch.Tensor:
@@ -160,7 +161,7 @@ class CpuKernels:
 
     def _layer(self, spec: LayerSpec, t: dict[str, torch.Tensor], cache: LayerCache | None = None) -> LayerStruct:
         """The C view of a layer: the module's own (cache) while it holds the same spec and tensor objects, else
-        the one cached here by the tensors' addresses (it holds nothing but those and the spec).
+        the one cached here by the tensors' addresses while they hold the same objects (kept as weak references).
 
         A tensor that is not contiguous keys as -1, so it reaches _layer_struct, which refuses it."""
         if cache is not None:
@@ -171,12 +172,13 @@ class CpuKernels:
             return cache.layer
         key = tuple([v.data_ptr() if v.is_contiguous() else -1 for v in t.values()])
         cached = self._layers.get(key)
-        if cached is not None and (cached[0] is spec or cached[0] == spec):
+        if (cached is not None and (cached[0] is spec or cached[0] == spec)
+                and all(ref() is v for ref, v in zip(cached[2], t.values()))):  # not new tensors at old addresses
             return cached[1]
         if len(self._layers) > 100_000:
             self._layers.clear()
         layer = _layer_struct(spec, t)
-        self._layers[key] = (spec, layer)
+        self._layers[key] = (spec, layer, tuple(weakref.ref(v) for v in t.values()))
         return layer
 
 
@@ -188,8 +190,11 @@ def _reference_path(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor
 
 
 def _layer_struct(spec: LayerSpec, t: dict[str, torch.Tensor]) -> LayerStruct:
+    """The C view of a layer's tensors, made once per set of tensor objects: so they are checked here
+    (check_indices), however they reached the module (a buffer assigned, torch.func.functional_call, ...)."""
     if not spec.kernel_friendly:
         raise ValueError(f"the CPU kernels take beta1 a multiple of 16 and fp16 or bilevel statistics, not {spec}")
+    check_indices(spec, t, f"SpQR layer {spec.out_features}x{spec.in_features}")
 
     def ptr(name: str) -> int | None:
         tensor = t.get(name)
