@@ -255,6 +255,7 @@ def dequantize_rows(spec: LayerSpec, t: dict[str, torch.Tensor], rows: torch.Ten
 
 
 def _check_shapes(spec: LayerSpec, t: dict[str, torch.Tensor], name: str, with_bias: bool) -> None:
+    """Every tensor the spec expects (the bias only if with_bias) is present with its dtype and shape."""
     for key, (shape, dtype) in spec.expected_tensors().items():
         if key == "bias" and not with_bias:
             continue
