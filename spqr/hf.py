@@ -20,8 +20,10 @@ from spqr.format.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SAFETENSORS_DTYPES,
+    WEIGHTS_NAME,
     CheckpointError,
     atomic_directory,
+    check_modules_metadata,
     deferred_interrupt,
     read_config,
     read_quantization_config,
@@ -64,7 +66,8 @@ def refuse_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: 
     """Raise `error` naming the floating-point tensors among (name, tensor) pairs that hold NaN or Inf: such a
     model computes NaN logits (perplexity NaN, generation refused). Callers pass parameters, not buffers (some
     models keep -inf attention masks there)."""
-    names = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    names = [name for name, t in named_tensors if t.is_floating_point() and t.device.type != "meta"  # (offloaded)
+             and not bool(torch.isfinite(t).all())]
     if names:
         raise error(f"{where}: weights contain NaN or Inf: {first_few(names)}")
 
@@ -401,6 +404,41 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
     return embeddings.dtype if isinstance(embeddings, SpQREmbedding) else embeddings.weight.dtype
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Make a quantized model dense again, in place: every SpQRLinear becomes an nn.Linear holding its exactly
+    decoded W (and bias), every SpQREmbedding an nn.Embedding sharing the decoded head's weight (tied, as the
+    quantized model reads it). For fine-tuning or exporting; the model is then as large as a dense one.
+    dtype: of the new weights (a torch.dtype or its name); default: that of the model's unquantized parts.
+    transformers' model.dequantize() calls it on models it loaded."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    dtype = dtype or dense_dtype(model)
+    dense: dict[int, nn.Linear] = {}  # id of the SpQRLinear -> its replacement
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, SpQRLinear):
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=layer.qweight.device, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(layer.dequantize())
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            dense[id(layer)] = linear
+            set_submodule(model, name, linear)
+    for name, embeddings in list(model.named_modules()):
+        if isinstance(embeddings, SpQREmbedding):
+            head = dense[id(embeddings.head)]
+            table = nn.Embedding(embeddings.num_embeddings, embeddings.embedding_dim, device=head.weight.device,
+                                 dtype=dtype)
+            table.weight = head.weight
+            set_submodule(model, name, table)
+            model.config.tie_word_embeddings = True  # so that save_pretrained and loaders keep them tied
+            model.config.get_text_config().tie_word_embeddings = True
+    for module in model.modules():  # save_pretrained writes a dense model now
+        if module.__dict__.get("save_pretrained") is _save_pretrained_refused:
+            del module.save_pretrained
+    return model
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: dict | QuantConfig, tokenizer=None,
                    overwrite: bool = False, report: dict | None = None) -> Path:
     """Write a model whose quantized layers are SpQRLinear as a checkpoint directory (atomically).
@@ -425,8 +463,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
     if nan_keys:  # json would write a bare NaN, which readers other than Python's refuse
         raise ValueError(f"quantization_config holds NaN at {nan_keys}: not a recipe value")
     not_converted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    table = {name: {**m.spec.to_dict(), "outliers": m.outlier_val.numel()} for name, m in modules.items()}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        checksums = write_weights(tmp, unique_state_dict(model))
+        checksums = write_weights(tmp, unique_state_dict(model), table)
         config = model.config.to_dict()
         # The dense parameters' actual dtype (the config may predate a model.to(dtype)).
         config["dtype"] = str(dense_dtype(model)).removeprefix("torch.")
@@ -436,7 +475,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, quantization_config: d
             "format_version": FORMAT_VERSION,
             **quantization_config,
             "packing": "bitplane32-rows16",
-            "modules": {name: {**m.spec.to_dict(), "outliers": m.outlier_val.numel()} for name, m in modules.items()},
+            "modules": table,
             "modules_not_converted": not_converted,
             "quantized_embeddings": {name: m.head_name for name, m in model.named_modules()
                                      if isinstance(m, SpQREmbedding)},
@@ -473,9 +512,14 @@ def module_entry(model: nn.Module, name: str, entry: object) -> tuple[LayerSpec,
         if "outliers" in entry and (type(outliers) is not int or outliers < 0):
             raise ValueError(f"outliers must be a non-negative integer, got {outliers!r}")
         spec = LayerSpec.from_config_entry(entry)
-        linear = model.get_submodule(name)
-    except (TypeError, AttributeError) as e:
+    except TypeError as e:
         raise ValueError(str(e)) from e
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the model ({type(model).__name__}, as config.json and any overrides build it) has no "
+                         f"module {name}: a checkpoint loads into the class it was saved from, with its own config"
+                         ) from None
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"{name} is not a Linear layer of this model")
     if (linear.out_features, linear.in_features) != (spec.out_features, spec.in_features):
@@ -499,11 +543,15 @@ def _save_pretrained_refused(*args, **kwargs) -> None:
 
 
 def refuse_save_pretrained(model: nn.Module) -> None:
-    """Make the model's save_pretrained raise a clear error: it would write the packed tensors without the
-    quantization config that describes them, a directory that transformers loads as a randomly initialized
-    model (with only a load report) and spqr refuses. spqr.save_quantized writes the checkpoint. (A module-level
-    function, so the model still pickles.)"""
-    model.save_pretrained = _save_pretrained_refused
+    """Make the save_pretrained of the model and of its inner transformers models (model.model, ...) raise a
+    clear error: it would write the packed tensors without the quantization config that describes them, a
+    directory that transformers loads as a randomly initialized model (with only a load report) and spqr refuses.
+    spqr.save_quantized writes the checkpoint. (A module-level function, so the model still pickles.)"""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if module is model or isinstance(module, PreTrainedModel):
+            module.save_pretrained = _save_pretrained_refused
 
 
 def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
@@ -534,28 +582,33 @@ def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
 
 
+DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what load_quantized can cast to
+
+
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
                    ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
 
     dtype: cast the unquantized tensors (embeddings, norms, lm_head, biases) to it, e.g. bfloat16 to
-    halve their memory; None keeps the stored dtype. Quantized layers always compute in fp32.
+    halve their memory; None (or "auto") keeps the stored dtype. Quantized layers always compute in fp32.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not isinstance(path, (str, Path)):
         raise TypeError(f"load_quantized takes a checkpoint directory path, got {type(path).__name__}")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         raise CheckpointError(f"{path} is a file; load_quantized takes the checkpoint directory that holds it")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        dtype = getattr(torch, dtype)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch.dtype (or its name, e.g. 'bfloat16') or None, "
-                         f"got {dtype!r}")
+    if dtype == "auto":  # as transformers' from_pretrained: the stored dtype
+        dtype = None
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is not None and dtype not in DENSE_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d).removeprefix('torch.') for d in DENSE_DTYPES]} (a torch.dtype "
+                         f"or its name), 'auto' or None, got {dtype!r}")
     raw = read_config(path)
     qc = read_quantization_config(raw, path)
     modules = qc.get("modules")
@@ -599,6 +652,12 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             set_submodule(model, name, SpQRLinear(spec, layer_tensors, name))  # checks the tensors (validate_layer)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
+    if (path / WEIGHTS_NAME).is_file():  # after the entries' own checks (a sharded save_pretrained has no table)
+        try:
+            check_modules_metadata(read_safetensors_header(path / WEIGHTS_NAME)[1].get("__metadata__"), modules,
+                                   str(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     # copied out of the file, so that nothing keeps it mapped, into one arena (huge pages: faster matrix-vector)
     place_packed_tensors(model)
 

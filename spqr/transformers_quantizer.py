@@ -23,9 +23,9 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from spqr.format.accounting import read_safetensors_header
-from spqr.format.io import FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_DTYPES
+from spqr.format.io import FORMAT_NAME, FORMAT_VERSION, SAFETENSORS_DTYPES, check_modules_metadata
 from spqr.format.layout import LayerSpec, validate_layer
-from spqr.hf import attach_quantized_embeddings, module_entry, refuse_non_finite, set_submodule
+from spqr.hf import attach_quantized_embeddings, dequantize_model, module_entry, refuse_non_finite, set_submodule
 from spqr.nn import SpQRLinear
 
 
@@ -61,6 +61,7 @@ class SpQRPackedQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
         self._specs: dict[str, LayerSpec] = {}
+        self._outliers: dict[str, int] = {}
         if not isinstance(self.quantization_config.modules, dict) or not self.quantization_config.modules:
             raise ValueError("the checkpoint's quantization_config has no 'modules' table")
         for name, entry in self.quantization_config.modules.items():
@@ -72,6 +73,7 @@ class SpQRPackedQuantizer(HfQuantizer):
                 raise ValueError(f"module {name}: the config does not record its outlier count; load the "
                                  "checkpoint with spqr.load_quantized(DIR) and save it again with spqr.save_quantized")
             self._specs[name] = spec
+            self._outliers[name] = outliers
             linear = model.get_submodule(name)
             bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
             placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
@@ -94,15 +96,18 @@ class SpQRPackedQuantizer(HfQuantizer):
         describe: transformers would fill a missing one with uninitialized memory or random values, and ignore an
         unexpected one, with only a warning (a garbage model)."""
         header: dict[str, dict] = {}
+        metadata: dict[str, dict | None] = {}
         for file in checkpoint_files:
             if not str(file).endswith(".safetensors"):
                 raise ValueError(f"{file}: spqr_packed checkpoints are safetensors files")
-            header.update(read_safetensors_header(Path(file))[1])
-        header.pop("__metadata__", None)
+            file_header = read_safetensors_header(Path(file))[1]
+            metadata[file] = file_header.pop("__metadata__", None)
+            header.update(file_header)
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         missing = [key for key in model.state_dict() if key not in header and key not in tied]
         if missing:
-            raise ValueError(f"tensors missing from the checkpoint: {missing[:5]}")
+            raise ValueError(f"tensors missing from the checkpoint: {missing[:5]} (a model class with parts the "
+                             "saved one lacks? a checkpoint loads into the class it was saved from)")
         for name, spec in self._specs.items():
             expected = spec.expected_tensors()
             stored = {key.removeprefix(name + "."): info for key, info in header.items()
@@ -116,6 +121,15 @@ class SpQRPackedQuantizer(HfQuantizer):
             if wrong:
                 raise ValueError(f"{name}: tensors {wrong} are stored as {[stored[k]['dtype'] for k in wrong]}, "
                                  f"expected {[SAFETENSORS_DTYPES[expected[k][1]] for k in wrong]}")
+            # transformers refuses other shapes too, but with ignore_mismatched_sizes=True it would leave the
+            # placeholders uninitialized (a garbage model that passes every other check)
+            reshaped = [f"{key} {stored[key]['shape']} (config.json makes it {want})" for key, (shape, _) in
+                        expected.items() if stored[key]["shape"] != (want := list(shape or [self._outliers[name]]))]
+            if reshaped:
+                raise ValueError(f"{name}: stored tensors of other shapes than its config.json entry describes: "
+                                 f"{', '.join(reshaped)}")
+        for file, meta in metadata.items():  # after the checks above, which name what is wrong more precisely
+            check_modules_metadata(meta, self.quantization_config.modules, file)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self._specs.items():
@@ -129,6 +143,9 @@ class SpQRPackedQuantizer(HfQuantizer):
                     layer._buffers[key] = tensor.to(expected[key][1])
             validate_layer(spec, layer.packed_tensors(), name)
         refuse_non_finite(model.named_parameters(), "the checkpoint", ValueError)  # as spqr.load_quantized does
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+        return dequantize_model(model, dtype)  # model.dequantize()
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

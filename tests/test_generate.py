@@ -371,7 +371,7 @@ def test_cli_bench_generation(quantized_llama, tmp_path, capsys):
                  "--tokens", "1", "--json", str(out)]) == 0
     text = out.read_text()
     assert "NaN" not in text and json.loads(text)["generation"]["decode_tokens_per_second"] is None
-    assert "decode no decode step" in capsys.readouterr().out  # it printed "decode nan tokens/s"
+    assert "decode: no decode step" in capsys.readouterr().out  # it printed "decode nan tokens/s"
     assert main(["generate", str(checkpoint), "--prompt", "The", "--max-new-tokens", "1"]) == 0
     assert "0 tokens in 0.000 s (no decode step)" in capsys.readouterr().err
 

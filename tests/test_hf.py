@@ -331,10 +331,12 @@ def test_bad_load_arguments_are_named(quantized_llama):
         load_quantized(ckpt / "model.safetensors")
     with pytest.raises(TypeError, match="takes a checkpoint directory path, got NoneType"):
         load_quantized(None)
-    for dtype in ("fp33", torch.int32, "Tensor"):
-        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+    for dtype in ("fp33", torch.int32, "Tensor", torch.float8_e4m3fn):  # float8 blamed config.json
+        with pytest.raises(ValueError, match="dtype must be one of"):
             load_quantized(ckpt, dtype=dtype)
-    assert load_quantized(ckpt, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16  # a dtype's name
+    for dtype in ("bfloat16", "torch.bfloat16"):  # a dtype's name
+        assert load_quantized(ckpt, dtype=dtype).lm_head.weight.dtype == torch.bfloat16
+    assert load_quantized(ckpt, dtype="auto").lm_head.weight.dtype == torch.float32  # as stored, as transformers
 
 
 def test_save_pretrained_of_a_quantized_model_is_refused(quantized_llama, tmp_path):
@@ -342,8 +344,9 @@ def test_save_pretrained_of_a_quantized_model_is_refused(quantized_llama, tmp_pa
     randomly initialized model, with only a load report."""
     _, quantized, ckpt = quantized_llama
     for model in (quantized, load_quantized(ckpt)):
-        with pytest.raises(ValueError, match=r"saved with spqr.save_quantized\(model, DIR, recipe\)"):
-            model.save_pretrained(tmp_path / "out")
+        for part in (model, model.model):  # the inner transformers model's save_pretrained too
+            with pytest.raises(ValueError, match=r"saved with spqr.save_quantized\(model, DIR, recipe\)"):
+                part.save_pretrained(tmp_path / "out")
         assert not (tmp_path / "out").exists()
         assert torch.equal(pickle.loads(pickle.dumps(model))(IDS).logits, model(IDS).logits)  # still pickles
 

@@ -255,7 +255,7 @@ def test_a_state_dict_with_another_outlier_count_is_refused_before_anything_is_c
         assert torch.equal(layer(x), expected)
 
 
-@pytest.mark.parametrize("replace", ["qweight", "outlier_row_ptr", "functional_call"])
+@pytest.mark.parametrize("replace", ["qweight", "outlier_row_ptr", "unsorted_outlier_col", "functional_call"])
 def test_packed_tensors_that_reach_the_kernels_another_way_are_checked(replace):
     """A buffer assigned, or swapped in by torch.func.functional_call, was read unchecked: a qweight of one tile for
     four gave finite garbage, another layer's row pointers NaN (reads past the outlier arrays)."""
@@ -265,11 +265,18 @@ def test_packed_tensors_that_reach_the_kernels_another_way_are_checked(replace):
     other = SpQRLinear.from_packed(random_packed_layer(64, 64, outlier_share=0.1, seed=2))
     x = torch.randn(3, 64)
     torch.testing.assert_close(functional_call(layer, dict(other.named_buffers()), (x,)), other(x))  # consistent
-    with pytest.raises(ValueError, match="qweight has dtype torch.int32 and shape" if replace == "qweight" else
-                       "outlier_row_ptr is not a valid CSR row pointer array"):
+    message = {"qweight": "qweight has dtype torch.int32 and shape",
+               "unsorted_outlier_col": "outlier_col is not strictly ascending within a row"}
+    with pytest.raises(ValueError, match=message.get(replace, "outlier_row_ptr is not a valid CSR row pointer array")):
         if replace == "qweight":
             layer.qweight = layer.qweight[:1]
             layer(x)
+        elif replace == "unsorted_outlier_col":  # the matrix-matrix kernels wrote before their buffers
+            row = int((layer.outlier_row_ptr.diff() >= 2).nonzero()[0])
+            start = int(layer.outlier_row_ptr[row])
+            layer.outlier_col = layer.outlier_col.clone()
+            layer.outlier_col[start:start + 2] = layer.outlier_col[start:start + 2].flip(0)
+            layer(torch.randn(20, 64))
         elif replace == "outlier_row_ptr":
             layer.outlier_row_ptr = other.outlier_row_ptr
             layer(x)

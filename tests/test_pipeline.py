@@ -417,6 +417,25 @@ def test_quantized_embeddings_trace_export_and_compile():
         traced(torch.tensor([[0, 1, 2, 300]]))
 
 
+def test_dequantize_model_keeps_the_outputs_and_the_tie(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spqr.hf import dequantize_model
+    from spqr.nn import SpQREmbedding
+
+    model = make_model("qwen2")
+    quantize(model, random_windows(6, 16), SPQR4, quantize_embeddings=True, progress=False)
+    ids = random_windows(2, 12, seed=3)
+    expected = _logits(model, ids)
+    dense = dequantize_model(model)
+    assert not any(isinstance(m, (SpQRLinear, SpQREmbedding)) for m in dense.modules())
+    assert dense.get_input_embeddings().weight is dense.lm_head.weight
+    torch.testing.assert_close(_logits(dense, ids), expected, rtol=1e-5, atol=1e-5)
+    dense.save_pretrained(tmp_path / "dense")  # no longer refused: a dense model, tied again on load
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), ids), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_embeddings_reads_the_tied_head(tmp_path):
     from transformers import AutoModelForCausalLM
 

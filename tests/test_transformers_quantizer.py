@@ -137,3 +137,69 @@ def test_damaged_checkpoints_are_refused_not_loaded_as_garbage(quantized_llama, 
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(path)
 
+
+
+@pytest.mark.parametrize("setting", ["beta1", "beta2"])
+def test_an_edited_setting_that_keeps_every_shape_is_refused(quantized_llama, tmp_path, setting):
+    """beta 16 -> 17 keeps the tiny model's tensor shapes (rounded-up group counts): both loaders decoded other
+    weights (logits off by 0.3-0.5). The weights file keeps its own copy of the modules table."""
+    from spqr.format.accounting import checkpoint_accounting
+
+    path = _copy(quantized_llama[2], tmp_path)
+    _edit(path, lambda qc: [entry.update({setting: 17}) for entry in qc["modules"].values()])
+    message = rf"config.json does not describe the weights file's layers \(was it edited\?\): module .* {setting} 17"
+    for load in (spqr.load_quantized, AutoModelForCausalLM.from_pretrained, checkpoint_accounting):
+        with pytest.raises((ValueError, CheckpointError), match=message):
+            load(path)
+
+
+def test_ignore_mismatched_sizes_does_not_load_placeholders(quantized_llama, tmp_path):
+    """With the flag transformers skips a tensor of another shape, leaving the packed placeholders uninitialized:
+    a garbage model (logits off by ~2.5, differently on every load) that passed every other check."""
+    path = _copy(quantized_llama[2], tmp_path)
+    _edit(path, lambda qc: qc["modules"][UP].update(wbits=4))
+    with pytest.raises(ValueError, match=rf"{UP}: stored tensors of other shapes than its config.json entry "
+                                         r"describes: qweight \[.*, 3, 16\] \(config.json makes it \[.*, 4, 16\]\)"):
+        AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True)
+
+
+def test_sharded_save_pretrained_loads_everywhere(quantized_llama, tmp_path):
+    from spqr.format.accounting import checkpoint_accounting
+
+    model = AutoModelForCausalLM.from_pretrained(quantized_llama[2])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert torch.equal(_logits(spqr.load_quantized(tmp_path / "sharded")), _logits(model))
+    single = checkpoint_accounting(quantized_llama[2])
+    sharded = checkpoint_accounting(tmp_path / "sharded")
+    assert sharded["avg_bits"] == single["avg_bits"] and sharded["outliers"] == single["outliers"]
+
+
+def test_offloading_to_disk_loads_the_same_model(quantized_llama, tmp_path):
+    """The NaN check read offloaded (meta) parameters: 'Tensor.item() cannot be called on meta tensors'."""
+    model = AutoModelForCausalLM.from_pretrained(quantized_llama[2], device_map={
+        "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+        "model.rotary_emb": "cpu", "lm_head": "disk"}, offload_folder=tmp_path / "offload")
+    assert torch.equal(_logits(model), _logits(AutoModelForCausalLM.from_pretrained(quantized_llama[2])))
+
+
+def test_other_model_classes_and_layer_overrides_are_named(quantized_llama):
+    from transformers import AutoModel
+
+    for load in (lambda path: AutoModel.from_pretrained(path),
+                 lambda path: AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=1)):
+        with pytest.raises(ValueError, match="has no module model.layers.* a checkpoint loads into the class it was "
+                                             "saved from, with its own config"):
+            load(quantized_llama[2])
+
+
+def test_dequantize_gives_a_dense_model_with_the_same_outputs(quantized_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(quantized_llama[2])
+    expected = _logits(model)
+    dense = model.dequantize()
+    assert not any(isinstance(m, SpQRLinear) for m in dense.modules())
+    torch.testing.assert_close(_logits(dense), expected, rtol=1e-5, atol=1e-5)
+    dense.save_pretrained(tmp_path / "dense")  # a plain dense checkpoint
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), expected,
+                               rtol=1e-5, atol=1e-5)

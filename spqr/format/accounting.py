@@ -12,7 +12,7 @@ import json
 import struct
 from pathlib import Path
 
-from spqr.format.io import WEIGHTS_NAME, CheckpointError, read_config, read_quantization_config
+from spqr.format.io import CheckpointError, check_modules_metadata, read_config, read_quantization_config, weight_files
 from spqr.format.layout import LayerSpec
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -77,28 +77,35 @@ def _stored_layer_spec(name: str, entry: object, header: dict, path: Path) -> La
 
 def _accounting(directory: Path) -> dict:
     qc = read_quantization_config(read_config(directory), directory)
-    path = directory / WEIGHTS_NAME
-    header_bytes, header = read_safetensors_header(path)
-    header.pop("__metadata__", None)
-    tensor_bytes = {}
-    elements = {}
-    for key, info in header.items():
-        n = 1
-        for s in info["shape"]:
-            n *= s
-        elements[key] = n
-        tensor_bytes[key] = n * DTYPE_BYTES[info["dtype"]]
-    file_bytes = path.stat().st_size
-    if header_bytes + sum(tensor_bytes.values()) != file_bytes:
-        raise CheckpointError(f"{path}: header ({header_bytes} B) + tensors ({sum(tensor_bytes.values())} B) "
-                              f"!= file size ({file_bytes} B)")
-
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError(f"{directory}: quantization_config has no 'modules' table")
+    header: dict[str, dict] = {}
+    header_bytes = file_bytes = 0
+    metadata: dict[Path, dict | None] = {}
+    tensor_bytes = {}
+    elements = {}
+    for path in weight_files(directory):  # one file, or the shards of a save_pretrained
+        file_header_bytes, file_header = read_safetensors_header(path)
+        metadata[path] = file_header.pop("__metadata__", None)
+        file_tensor_bytes = 0
+        for key, info in file_header.items():
+            n = 1
+            for s in info["shape"]:
+                n *= s
+            elements[key] = n
+            tensor_bytes[key] = n * DTYPE_BYTES[info["dtype"]]
+            file_tensor_bytes += tensor_bytes[key]
+        size = path.stat().st_size
+        if file_header_bytes + file_tensor_bytes != size:
+            raise CheckpointError(f"{path}: header ({file_header_bytes} B) + tensors ({file_tensor_bytes} B) "
+                                  f"!= file size ({size} B)")
+        header.update(file_header)
+        header_bytes += file_header_bytes
+        file_bytes += size
     layers = []
     for name, entry in modules.items():
-        spec = _stored_layer_spec(name, entry, header, path)
+        spec = _stored_layer_spec(name, entry, header, directory)
         keys = [k for k in tensor_bytes if k.startswith(name + ".") and k != f"{name}.bias"
                 and "." not in k[len(name) + 1:]]
         parts = {k[len(name) + 1:]: tensor_bytes[k] * 8 for k in keys}
@@ -112,6 +119,11 @@ def _accounting(directory: Path) -> dict:
                                                      outliers / weights, 32 if spec.stats_dtype == "float32" else 16),
             "parts_bits": parts,
         })
+    for path, meta in metadata.items():  # after the entries' own checks, which name what is wrong more precisely
+        try:
+            check_modules_metadata(meta, modules, str(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     quantized_weights = sum(layer["out_features"] * layer["in_features"] for layer in layers)
     quantized_bits = sum(layer["bits"] for layer in layers)
     outliers = sum(layer["outliers"] for layer in layers)

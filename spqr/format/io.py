@@ -188,11 +188,43 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     return digest.hexdigest()
 
 
-def write_weights(directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+MODULES_METADATA = "spqr_modules"  # the weights file's own copy of config.json's modules table
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], modules: dict | None = None) -> dict[str, str]:
     """Write tensors to directory/model.safetensors; returns {file name: sha256}.
 
-    Only one metadata entry: the format version lives in config.json."""
-    return {WEIGHTS_NAME: save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})}
+    modules: the quantized layers' table of config.json, also kept in the file's metadata, so that an edited
+    config.json cannot make the loaders decode the tensors with other settings (check_modules_metadata; the
+    sha256 covers the file, not config.json). The format version lives in config.json."""
+    metadata = {"format": "pt"}
+    if modules is not None:
+        metadata[MODULES_METADATA] = json.dumps(modules, sort_keys=True)
+    return {WEIGHTS_NAME: save_safetensors(tensors, directory / WEIGHTS_NAME, metadata=metadata)}
+
+
+def check_modules_metadata(metadata: dict | None, modules: dict, where: str) -> None:
+    """Refuse a modules table (config.json's) that differs from the one the weights file was written with (its
+    metadata; files that carry none, such as transformers' save_pretrained writes, are not checked): a module or
+    a setting of another value, where config.json gives one (one it lacks is refused, or not needed, elsewhere).
+    ValueError naming the first module and setting that differ."""
+    stored = (metadata or {}).get(MODULES_METADATA)
+    if stored is None:
+        return
+    try:
+        stored = json.loads(stored)
+    except ValueError as e:
+        raise ValueError(f"{where}: the weights file's {MODULES_METADATA} metadata is not JSON: {e}") from e
+    for name in sorted(stored.keys() | modules.keys()):
+        a, b = modules.get(name), stored.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in a if a[k] != b.get(k))
+            change = ", ".join(f"{k} {a[k]!r} (the weights file: {b.get(k)!r})" for k in keys)
+        else:
+            change = "" if a == b else "is not in the weights file" if b is None else "is missing from config.json"
+        if change:
+            raise ValueError(f"{where}: config.json does not describe the weights file's layers (was it edited?): "
+                             f"module {name} {change}")
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -240,13 +272,36 @@ def deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoint's safetensors files: directory/model.safetensors, or the shards its
+    model.safetensors.index.json lists (as transformers' save_pretrained writes with max_shard_size)."""
+    directory = Path(directory)
+    index = directory / f"{WEIGHTS_NAME}.index.json"
+    if (directory / WEIGHTS_NAME).is_file() or not index.is_file():
+        return [directory / WEIGHTS_NAME]
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} cannot be read as a shard index: {e}") from e
+    outside = [name for name in names if not isinstance(name, str) or Path(name).name != name]
+    if outside:
+        raise CheckpointError(f"{index} names shards outside the directory: {outside[:3]}")
+    return [directory / name for name in names]
+
+
 def read_weights(directory: str | os.PathLike, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """Load directory/model.safetensors, verifying its sha256 when checksums are given."""
-    path = Path(directory) / WEIGHTS_NAME
+    """Load the checkpoint's tensors (weight_files), verifying each file's sha256 when checksums are given."""
+    tensors = {}
+    for path in weight_files(directory):
+        tensors.update(_read_weights_file(path, checksums))
+    return tensors
+
+
+def _read_weights_file(path: Path, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"{directory} is incomplete: {WEIGHTS_NAME} is missing")
+        raise CheckpointError(f"{path.parent} is incomplete: {path.name} is missing")
     if checksums is not None:
-        expected = checksums.get(WEIGHTS_NAME)
+        expected = checksums.get(path.name)
         actual = sha256_file(path)
         if expected != actual:
             raise CheckpointError(f"{path} is corrupt or was modified: sha256 {actual} does not match "

@@ -209,11 +209,6 @@ def upgrade_tensor(version: int, key: str, tensor: torch.Tensor) -> torch.Tensor
     return tensor
 
 
-def csr_rows(row_ptr: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Row index of every stored outlier [nnz] (int64), from CSR row pointers [out + 1]."""
-    return torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), row_ptr.long().diff())
-
-
 def dequantize_layer(spec: LayerSpec, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain reference decoder: fp32 W [out, in] in the original column order."""
     return dequantize_rows(spec, t, torch.arange(spec.out_features, device=t["qweight"].device))
@@ -275,8 +270,8 @@ def check_indices(spec: LayerSpec, t: dict[str, torch.Tensor], name: str, bias: 
     read it (spqr.kernels.cpu), whichever way it reached the module.
 
     Every packed tensor of the spec is present with its dtype and shape; CSR row pointers start at 0, never
-    decrease and end at nnz; column and permutation indices are in range. The bias (which a kernel does not
-    read) only with `bias`: floating point, any precision.
+    decrease and end at nnz; column and permutation indices are in range, columns strictly ascending within each
+    row. The bias (which a kernel does not read) only with `bias`: floating point, any precision.
     """
     _check_shapes(spec, t, name, bias)
     if any(tensor.device.type == "meta" for tensor in t.values()):
@@ -290,24 +285,23 @@ def check_indices(spec: LayerSpec, t: dict[str, torch.Tensor], name: str, bias: 
     for key, size in (("outlier_col", spec.in_features), ("perm", spec.in_features)):
         if key in t and t[key].numel() and (int(t[key].min()) < 0 or int(t[key].max()) >= size):
             raise ValueError(f"{name}: {key} has indices outside [0, {size})")
+    if nnz > 1:  # the matrix-matrix kernels place each outlier by its offset from the previous one in its row
+        cols = t["outlier_col"].long()
+        row_start = torch.zeros(nnz + 1, dtype=torch.bool, device=row_ptr.device)
+        row_start[row_ptr] = True
+        if bool(((cols[1:] <= cols[:-1]) & ~row_start[1:-1]).any()):
+            raise ValueError(f"{name}: outlier_col is not strictly ascending within a row")
 
 
 def validate_layer(spec: LayerSpec, t: dict[str, torch.Tensor], name: str) -> None:
     """Check a layer's tensors; raise ValueError naming the problem. The kernels trust what passes.
 
-    check_indices (the bias too), and: column indices are strictly ascending within each row; the permutation is
-    a true permutation; stored fp16 statistics, outlier values and the bias are finite.
+    check_indices (the bias too), and: the permutation is a true permutation; stored fp16 statistics, outlier
+    values and the bias are finite.
     """
     check_indices(spec, t, name, bias=True)
     if any(tensor.device.type == "meta" for tensor in t.values()):
         return
-    nnz = t["outlier_val"].numel()
-    row_ptr, cols = t["outlier_row_ptr"].long(), t["outlier_col"].long()
-    if nnz > 1:
-        rows = csr_rows(row_ptr, spec.out_features)
-        same_row = rows[1:] == rows[:-1]
-        if bool((same_row & (cols[1:] <= cols[:-1])).any()):
-            raise ValueError(f"{name}: outlier_col is not strictly ascending within a row")
     if spec.has_perm:
         perm = t["perm"].long()
         if not torch.equal(torch.sort(perm).values, torch.arange(spec.in_features)):

@@ -191,6 +191,10 @@ def test_input_shapes(kern):
     for bad in (torch.randn(4, 63), torch.tensor(1.0)):
         with pytest.raises(ValueError, match=r"input has shape .*; the layer expects \[\.\.\., 64\]"):
             kern.matmul(layer.spec, layer.tensors, bad)
+    if isinstance(kern, cpu.CpuKernels):  # read as fp32 at x's address: garbage, or past its end (cpu_linear converts)
+        for bad, what in ((torch.randn(64, 2).T, "not contiguous"), (torch.randn(2, 64).half(), "torch.float16")):
+            with pytest.raises(ValueError, match=f"the CPU kernels take a contiguous float32 CPU x, got .*{what}"):
+                kern.matmul(layer.spec, layer.tensors, bad)
 
 
 @pytest.mark.parametrize("out_features,beta2,qq_bits", [(80, 16, 3), (37, 16, 3), (64, 7, 3), (48, 16, None)])
