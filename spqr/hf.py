@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import logging
 import math
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,6 +72,30 @@ def refuse_non_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: 
              and not bool(torch.isfinite(t).all())]
     if names:
         raise error(f"{where}: weights contain NaN or Inf: {first_few(names)}")
+
+
+# accelerate's init_empty_weights patches nn.Module.register_parameter for the whole process while it runs: a
+# parameter another thread registers meanwhile (loading a checkpoint assigns them) goes to the meta device. So
+# building a model on meta and filling one take turns (threads that loaded at once got "tensors missing").
+_MODEL_BUILD_LOCK = threading.RLock()
+
+
+def builds_models(function):
+    """Decorator: function builds or fills models; one such call at a time in the process (_MODEL_BUILD_LOCK)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _MODEL_BUILD_LOCK:
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """AutoModelForCausalLM.from_config(config) with every parameter on the meta device (nothing allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with _MODEL_BUILD_LOCK, init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def read_generation_config(model: nn.Module, path: Path, error: type[Exception]) -> None:
@@ -289,8 +315,7 @@ def has_safetensors_weights(path: str | Path) -> bool:
 def load_model_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, weights) of a HF safetensors directory with its decoder blocks left on the
     meta device: `spqr.pipeline.quantize(..., block_weights=weights)` loads one block at a time."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
@@ -298,8 +323,7 @@ def load_model_lazy(path: str | Path, dtype: torch.dtype = torch.float32):
     weights = ShardedWeights(path)
     try:
         config = AutoConfig.from_pretrained(path)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = empty_model(config, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {type(e).__name__}: {e}") from e
@@ -585,6 +609,7 @@ def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
 DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what load_quantized can cast to
 
 
+@builds_models
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
                    ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
@@ -592,8 +617,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
     dtype: cast the unquantized tensors (embeddings, norms, lm_head, biases) to it, e.g. bfloat16 to
     halve their memory; None (or "auto") keeps the stored dtype. Quantized layers always compute in fp32.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if not isinstance(path, (str, Path)):
         raise TypeError(f"load_quantized takes a checkpoint directory path, got {type(path).__name__}")
@@ -623,8 +647,7 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         if isinstance(stored_dtype, str):
             stored_dtype = getattr(torch, stored_dtype)
         dtype = dtype or stored_dtype
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = empty_model(config, dtype)
     except Exception as e:  # transformers raises many types for a bad model config
         raise CheckpointError(f"{path}: config.json does not describe a model transformers can build: "
                               f"{type(e).__name__}: {e}") from e

@@ -27,6 +27,8 @@ from spqr.format.layout import PackedLinear
 from spqr.format.spqr_quant import ConversionError, check_exportable, export_layer, import_layer
 from spqr.hf import (
     assign_dense_tensors,
+    builds_models,
+    empty_model,
     first_few,
     load_quantized,
     load_tokenizer,
@@ -85,10 +87,10 @@ def export_spqr_quant(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     return Path(out_dir)
 
 
+@builds_models
 def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """A spqr_quant (transformers quant_method "spqr") directory -> one of our checkpoints."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     source = Path(source)
     check_output_dir(out_dir, (source,))  # before the work, and so that overwriting cannot delete the input
@@ -104,8 +106,7 @@ def import_spqr_quant(source: str | Path, out_dir: str | Path, overwrite: bool =
     try:
         config = AutoConfig.from_pretrained(source)
         del config.quantization_config
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        model = empty_model(config, torch.float16)
     except Exception as e:  # transformers raises many types for a bad model config
         raise CheckpointError(f"{source}: config.json does not describe a model transformers can build: "
                               f"{type(e).__name__}: {e}") from e

@@ -445,3 +445,38 @@ def test_a_checkpoints_damaged_tokenizer_is_named(ckpt_copy):
     (ckpt_copy / "tokenizer_config.json").write_text("{bad")
     with pytest.raises(CheckpointError, match="cannot load its tokenizer"):
         load_model(ckpt_copy)
+
+
+def test_threads_saving_and_loading_one_directory(tmp_path):
+    """Threads of one process shared the temporary directory (named by process) and deleted each other's files;
+    a load beside another thread's (accelerate's init_empty_weights patches nn.Module process-wide) came out half
+    on the meta device ("tensors missing")."""
+    import threading
+
+    from spqr.config import preset
+    from spqr.pipeline import quantize
+
+    models = []
+    for seed in (0, 1):
+        model = make_model("llama", seed=seed)
+        quantize(model, None, preset("rtn"), progress=False)
+        models.append(model)
+    expected = [model(IDS).logits for model in models]
+    out, errors, loaded = tmp_path / "ck", [], []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(4):
+                save_quantized(models[i], out, preset("rtn"), overwrite=True)
+                loaded.append(load_quantized(out)(IDS).logits)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(loaded) == 8
+    assert all(any(torch.equal(logits, e) for e in expected) for logits in loaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directory left

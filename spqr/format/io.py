@@ -57,11 +57,22 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: tuple[str | os.PathLike
     _recover_killed_writers(out)
 
 
+_WRITERS_LOCK = threading.Lock()
+_WRITERS: dict[str, threading.Lock] = {}  # output path -> the lock its writers in this process take in turn
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out_dir` when the block finishes without error (out_dir checked
-    by check_output_dir; writers that read an input check it against that input before their work)."""
-    out_dir = Path(out_dir)
+    by check_output_dir; writers that read an input check it against that input before their work). Threads of
+    one process writing the same out_dir take turns (the temporary directories are named by process)."""
+    with _WRITERS_LOCK:
+        lock = _WRITERS.setdefault(str(Path(out_dir).absolute()), threading.Lock())
+    with lock:
+        yield from _atomic_directory(Path(out_dir), overwrite)
+
+
+def _atomic_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     check_output_dir(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists; choose another path, or overwrite it "
