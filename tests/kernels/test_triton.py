@@ -10,12 +10,11 @@ import pytest
 import torch
 from packaging.version import Version
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; TRITON_INTERPRET=0 on a GPU
 triton = pytest.importorskip("triton")
 if Version(triton.__version__) < Version("3.7"):  # the version torch 2.6 pins is 3.2
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels on CPU (3.2-3.6 fail inside it, "
                 "3.7-3.9 pass): the GPU kernels are not tested with it", allow_module_level=True)
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined; TRITON_INTERPRET=0 on a GPU
 gpu = importlib.reload(sys.modules["spqr.kernels.gpu"]) if "spqr.kernels.gpu" in sys.modules else \
     importlib.import_module("spqr.kernels.gpu")
 
