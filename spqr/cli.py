@@ -578,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spqr {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`spqr generate ... | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
         return 141  # 128 + SIGPIPE: as a process that SIGPIPE ended
     return 0
 

@@ -196,7 +196,7 @@ def _run(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
         positions (opt, gpt_bigcode, gptj, ...) fails deep inside with an IndexError: say what happened."""
         try:
             return model(use_cache=True, **inputs)
-        except (IndexError, RuntimeError) as e:
+        except IndexError as e:
             if isinstance(context, int) and length > context:
                 advice = (f"the prompt alone has {prompt_length} tokens" if prompt_length > context else
                           f"with {prompt_length} prompt tokens, ask for at most {context - prompt_length + 1} new "

@@ -22,7 +22,6 @@ from spqr.format.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SAFETENSORS_DTYPES,
-    WEIGHTS_NAME,
     CheckpointError,
     atomic_directory,
     check_modules_metadata,
@@ -30,6 +29,7 @@ from spqr.format.io import (
     read_config,
     read_quantization_config,
     read_weights,
+    weight_files,
     write_weights,
 )
 from spqr.format.layout import LayerSpec, upgrade_tensor
@@ -428,15 +428,30 @@ def dense_dtype(model: nn.Module) -> torch.dtype:
     return embeddings.dtype if isinstance(embeddings, SpQREmbedding) else embeddings.weight.dtype
 
 
+DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # for the unquantized parts
+
+
+def dense_dtype_argument(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype argument for the unquantized parts: one of DENSE_DTYPES, given as a torch.dtype or its name
+    ("bfloat16", "torch.bfloat16"), or None / "auto" (keep the stored one: None). ValueError otherwise."""
+    if dtype == "auto":  # as transformers' from_pretrained
+        return None
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is not None and dtype not in DENSE_DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d).removeprefix('torch.') for d in DENSE_DTYPES]} (a torch.dtype "
+                         f"or its name), 'auto' or None, got {dtype!r}")
+    return dtype
+
+
+@builds_models
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Make a quantized model dense again, in place: every SpQRLinear becomes an nn.Linear holding its exactly
     decoded W (and bias), every SpQREmbedding an nn.Embedding sharing the decoded head's weight (tied, as the
     quantized model reads it). For fine-tuning or exporting; the model is then as large as a dense one.
     dtype: of the new weights (a torch.dtype or its name); default: that of the model's unquantized parts.
     transformers' model.dequantize() calls it on models it loaded."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    dtype = dtype or dense_dtype(model)
+    dtype = dense_dtype_argument(dtype) or dense_dtype(model)
     dense: dict[int, nn.Linear] = {}  # id of the SpQRLinear -> its replacement
     for name, layer in list(model.named_modules()):
         if isinstance(layer, SpQRLinear):
@@ -606,19 +621,16 @@ def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
 
 
-DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what load_quantized can cast to
 
 
-@builds_models
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
                    ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.
 
     dtype: cast the unquantized tensors (embeddings, norms, lm_head, biases) to it, e.g. bfloat16 to
-    halve their memory; None (or "auto") keeps the stored dtype. Quantized layers always compute in fp32.
+    halve their memory; None (or "auto") keeps the stored dtype. Quantized layers compute in fp32 (with float64
+    on the reference path: exact in float64, but each call decodes its W, far slower).
     """
-    from transformers import AutoConfig
-
     if not isinstance(path, (str, Path)):
         raise TypeError(f"load_quantized takes a checkpoint directory path, got {type(path).__name__}")
     path = Path(path).expanduser()
@@ -626,19 +638,23 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
         raise CheckpointError(f"{path} is a file; load_quantized takes the checkpoint directory that holds it")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if dtype == "auto":  # as transformers' from_pretrained: the stored dtype
-        dtype = None
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    if dtype is not None and dtype not in DENSE_DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d).removeprefix('torch.') for d in DENSE_DTYPES]} (a torch.dtype "
-                         f"or its name), 'auto' or None, got {dtype!r}")
+    dtype = dense_dtype_argument(dtype)
     raw = read_config(path)
     qc = read_quantization_config(raw, path)
     modules = qc.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError(f"{path}: quantization_config has no 'modules' table")
-    tensors = read_weights(path, qc.get("checksums") if verify_checksum else None)
+    tensors = read_weights(path, qc.get("checksums") if verify_checksum else None)  # (outside the lock: sha256)
+    return _build_quantized(path, qc, tensors, dtype)
+
+
+@builds_models
+def _build_quantized(path: Path, qc: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+                     ) -> nn.Module:
+    """load_quantized's model, from the checkpoint's quantization_config and tensors."""
+    from transformers import AutoConfig
+
+    modules = qc["modules"]
     try:
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "quantization_config"):
@@ -675,10 +691,9 @@ def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.
             set_submodule(model, name, SpQRLinear(spec, layer_tensors, name))  # checks the tensors (validate_layer)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
-    if (path / WEIGHTS_NAME).is_file():  # after the entries' own checks (a sharded save_pretrained has no table)
+    for file in weight_files(path):  # after the entries' own checks, which name what is wrong more precisely
         try:
-            check_modules_metadata(read_safetensors_header(path / WEIGHTS_NAME)[1].get("__metadata__"), modules,
-                                   str(path))
+            check_modules_metadata(read_safetensors_header(file)[1].get("__metadata__"), modules, str(file))
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     # copied out of the file, so that nothing keeps it mapped, into one arena (huge pages: faster matrix-vector)

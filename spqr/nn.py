@@ -44,10 +44,15 @@ def in_eval_mode(function):
     return wrapper
 
 
-def _no_dense_weight(module: nn.Module, what: str) -> AttributeError:
-    """The error for `module.weight` on a packed layer: says what to do instead (still an AttributeError, so
-    hasattr(module, "weight") stays False for code that checks)."""
-    return AttributeError(
+def _packed_getattr(module: nn.Module, name: str, what: str):
+    """nn.Module.__getattr__ (parameters, buffers, submodules), with `module.weight` on a packed layer explained:
+    `what` says where W is instead (still an AttributeError, so hasattr(module, "weight") stays False)."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        if name != "weight":
+            raise
+    raise AttributeError(
         f"{type(module).__name__} has no dense `weight`: {what}. Operations that replace or edit a layer's "
         "weight, such as transformers' resize_token_embeddings, need the full-precision model: run them before "
         "quantizing")
@@ -114,17 +119,13 @@ class SpQRLinear(nn.Module):
         finally:
             self._buffers.update(packed)
         for name, tensor in packed.items():
-            applied = fn(tensor)
-            self._buffers[name] = applied if applied.dtype == tensor.dtype else tensor.to(applied.device)
+            probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))  # a cast is not done, then dropped
+            self._buffers[name] = fn(tensor) if probe.dtype == tensor.dtype else tensor.to(probe.device)
+        self._kernel_cache = kernels.cpu.LayerCache()  # share_memory_() moves a tensor's memory, not the object
         return self
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)  # buffers and parameters
-        except AttributeError:
-            if name == "weight":
-                raise _no_dense_weight(self, "W is stored packed (.dequantize() gives it in fp32)") from None
-            raise
+        return _packed_getattr(self, name, "W is stored packed (.dequantize() gives it in fp32)")
 
     @classmethod
     def from_packed(cls, packed: PackedLinear, name: str | None = None) -> SpQRLinear:
@@ -141,8 +142,8 @@ class SpQRLinear(nn.Module):
         return dequantize_layer(self.spec, self.packed_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_nested:  # as nn.Linear takes them: each component through the layer
-            return torch.nested.as_nested_tensor([self(component) for component in x.unbind()], layout=x.layout)
+        if x.is_nested:  # as nn.Linear takes them: each component through the layer (its hooks run once)
+            return torch.nested.as_nested_tensor([self.forward(c) for c in x.unbind()], layout=x.layout)
         if self.use_reference:
             y = kernels.reference_linear(self.spec, self._buffers, x)
         elif (type(x) is torch.Tensor and x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
@@ -156,7 +157,8 @@ class SpQRLinear(nn.Module):
             y = kernels.reference_linear(self.spec, self._buffers, x)
         else:
             y = kernels.linear(self.spec, self._buffers, x)
-        y = y if self.bias is None else y + self.bias.to(x.dtype)
+        bias = self._parameters.get("bias")  # (not through __getattr__: this is the hot path)
+        y = y if bias is None else y + bias.to(x.dtype)
         if _any_autocast() and torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(
                 x.device.type):  # computed in fp32 (or x's dtype), returned
             y = y.to(torch.get_autocast_dtype(x.device.type))           # in the autocast dtype, as by nn.Linear
@@ -239,12 +241,7 @@ class SpQREmbedding(nn.Module):
         self.dtype = dtype
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "weight":
-                raise _no_dense_weight(self, f"its rows are decoded from the quantized head {self.head_name}") from None
-            raise
+        return _packed_getattr(self, name, f"its rows are decoded from the quantized head {self.head_name}")
 
     def _apply(self, fn, recurse=True):
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype

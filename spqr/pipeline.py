@@ -41,6 +41,7 @@ from spqr.hf import (
     ShardedWeights,
     attach_quantized_embeddings,
     block_linears,
+    builds_models,
     find_decoder_blocks,
     materialize,
     module_name,
@@ -446,6 +447,7 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+@builds_models  # it makes modules: not while another thread builds one on meta (spqr.hf.builds_models)
 @in_eval_mode
 def quantize(model: nn.Module, calibration: torch.Tensor | None, config: QuantConfig,
              skip: tuple[str, ...] = (), batch_size: int = 16, forward_dtype: torch.dtype | None = None,

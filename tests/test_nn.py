@@ -311,7 +311,10 @@ def test_float64_inputs_are_computed_in_float64():
 def test_nested_tensors_are_taken_as_nn_linear_takes_them(layout):
     layer, dense = _layer_and_dense()
     nested = torch.nested.nested_tensor([torch.randn(2, 64), torch.randn(5, 64)], layout=layout)
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
     out = layer(nested)
+    assert len(calls) == 1  # hooks run once per call, as for nn.Linear
     assert out.is_nested and out.layout == layout
     for got, expected in zip(out.unbind(), dense(nested).unbind()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -320,9 +323,14 @@ def test_nested_tensors_are_taken_as_nn_linear_takes_them(layout):
 def test_share_memory_and_casts_of_the_packed_tensors():
     """share_memory() left the packed tensors private (they followed moves only); casts still leave their dtypes."""
     layer, _ = _layer_and_dense()
+    x = torch.randn(3, 64)
+    expected = layer(x)  # the kernels' view of the tensors is made: share_memory_() then moves their memory
     dtypes = {name: tensor.dtype for name, tensor in layer.named_buffers()}
     layer.share_memory()
     assert all(tensor.is_shared() for tensor in layer.buffers()) and layer.bias.is_shared()
+    for _ in range(3):
+        torch.randn(2**20)  # reuse of the freed memory
+        assert torch.equal(layer(x), expected)
     for cast in (torch.float64, torch.bfloat16):
         layer.to(cast)
         assert {name: tensor.dtype for name, tensor in layer.named_buffers()} == dtypes and layer.bias.dtype == cast

@@ -67,7 +67,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     by check_output_dir; writers that read an input check it against that input before their work). Threads of
     one process writing the same out_dir take turns (the temporary directories are named by process)."""
     with _WRITERS_LOCK:
-        lock = _WRITERS.setdefault(str(Path(out_dir).absolute()), threading.Lock())
+        lock = _WRITERS.setdefault(os.path.realpath(out_dir), threading.Lock())
     with lock:
         yield from _atomic_directory(Path(out_dir), overwrite)
 
@@ -226,6 +226,8 @@ def check_modules_metadata(metadata: dict | None, modules: dict, where: str) -> 
         stored = json.loads(stored)
     except ValueError as e:
         raise ValueError(f"{where}: the weights file's {MODULES_METADATA} metadata is not JSON: {e}") from e
+    if not isinstance(stored, dict) or not isinstance(modules, dict):
+        raise ValueError(f"{where}: the weights file's {MODULES_METADATA} metadata is not a table of modules")
     for name in sorted(stored.keys() | modules.keys()):
         a, b = modules.get(name), stored.get(name)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -294,9 +296,10 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index} cannot be read as a shard index: {e}") from e
-    outside = [name for name in names if not isinstance(name, str) or Path(name).name != name]
-    if outside:
-        raise CheckpointError(f"{index} names shards outside the directory: {outside[:3]}")
+    bad = [name for name in names
+           if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{index} names shards that are not safetensors files in its directory: {bad[:3]}")
     return [directory / name for name in names]
 
 

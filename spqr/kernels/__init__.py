@@ -39,7 +39,7 @@ def reference_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tenso
 def cpu_linear(spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor,
                kernels: cpu.CpuKernels | None = None, cache: cpu.LayerCache | None = None) -> torch.Tensor:
     """x [..., in] (CPU) -> [..., out] in x's dtype through the C kernels, computing in fp32 (cache: the calling
-    module's cpu.LayerCache)."""
+    module's cpu.LayerCache); float64 through the reference path (exact in float64, but W decoded per call)."""
     kernels = kernels or cpu.load()
     if kernels is None or not spec.kernel_friendly or x.dtype == torch.float64:  # float64 stays float64
         return reference_linear(spec, t, x)

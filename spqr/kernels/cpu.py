@@ -124,7 +124,7 @@ class CpuKernels:
         layer = self._layer(spec, t, cache)
         threads = torch.get_num_threads()
         spec.check_input(x)
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":  # (cpu_linear converts)
+        if x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous():  # (cpu_linear converts)
             raise ValueError(f"the CPU kernels take a contiguous float32 CPU x, got {x.dtype} on {x.device}"
                              f"{'' if x.is_contiguous() else ', not contiguous'}")
         k, n = spec.in_features, spec.out_features

@@ -420,3 +420,25 @@ def test_the_paper_formula_takes_each_layers_own_recipe(tmp_path):
                    + 32 * layer["outliers"] for layer in acc["layers"]) / acc["quantized_weights"]
     assert acc["paper_formula_bits"] == pytest.approx(expected + 2 * 3 / 16 + 64 / 256)
     assert any(layer["name"] == "lm_head" for layer in acc["layers"])
+
+
+def test_modules_metadata_and_shard_indexes_that_are_not_what_they_claim(tmp_path):
+    from spqr.format.io import check_modules_metadata, weight_files
+
+    table = {"a.b": {"wbits": 3}}
+    check_modules_metadata(None, table, "f")  # a file without the table (transformers' save_pretrained): unchecked
+    check_modules_metadata({"spqr_modules": json.dumps(table)}, table, "f")
+    for stored, message in (("[1, 2]", "not a table of modules"), ("{", "is not JSON"),
+                            (json.dumps({"a.b": {"wbits": 4}}), r"module a.b wbits 3 \(the weights file: 4\)"),
+                            (json.dumps({}), "module a.b is not in the weights file")):
+        with pytest.raises(ValueError, match=message):
+            check_modules_metadata({"spqr_modules": stored}, table, "f")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    assert weight_files(tmp_path) == [tmp_path / "a.safetensors"]
+    for shard in ("..", "", "../a.safetensors", "a.bin"):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+        with pytest.raises(CheckpointError, match="names shards that are not safetensors files in its directory"):
+            weight_files(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="cannot be read as a shard index"):
+        weight_files(tmp_path)
