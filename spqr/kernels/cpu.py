@@ -34,7 +34,8 @@ AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 # spqr_gemv and spqr_gemm_amx compute nothing and return this for an input beyond +-2^64, NaN or infinite, where
 # their arithmetic (zero points factored out, bf16 parts) would give NaN or overflow while F.linear would not; such
 # calls take the reference path (SPQR_INPUT_LIMIT in spqr_cpu.h)
-INPUT_OUT_OF_RANGE = 3
+INPUT_OUT_OF_RANGE = 3  # and the limit of |x| (or NaN) past which the matrix-vector and AMX kernels return it
+INPUT_LIMIT = 2.0**64
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
     # for the tests, what other machines and compilers build: the portable vector code (no AVX-512, AVX2 or ARM)
@@ -137,7 +138,7 @@ class CpuKernels:
             status = self._gemv(layer, rows, x_ptr, y_ptr, threads)
             if status == 1:
                 raise MemoryError("spqr_gemv could not allocate its workspace")
-            return y if status == 0 else _reference_path(spec, t, x)  # INPUT_OUT_OF_RANGE
+            return y if status == 0 else self._rows_apart(spec, t, x, path, cache)  # INPUT_OUT_OF_RANGE
         if path == "amx":
             if not self.has_amx:
                 raise RuntimeError("the AMX kernel is not available on this machine (or SPQR_AMX=0)")
@@ -150,12 +151,25 @@ class CpuKernels:
             if status == 1:
                 raise MemoryError("spqr_gemm_amx could not allocate its workspace")
             if status == INPUT_OUT_OF_RANGE:
-                return _reference_path(spec, t, x)
+                return self._rows_apart(spec, t, x, path, cache)
             if status == 0:
                 return y  # 2: AMX refused at run time; the AVX-512 kernel computes the same
         if self._gemm(layer, rows, x_ptr, y_ptr, threads):
             raise MemoryError("spqr_gemm could not allocate its workspace")
         return y
+
+    def _rows_apart(self, spec: LayerSpec, t: dict[str, torch.Tensor], x: torch.Tensor, path: str,
+                    cache: LayerCache | None) -> torch.Tensor:
+        """A call the kernel refused (INPUT_OUT_OF_RANGE): the rows with an input beyond ±INPUT_LIMIT (or NaN)
+        through the reference path (F.linear's inf and NaN), the others through `path` on their own, so that a
+        row's result does not depend on the other rows of the call."""
+        flat = x.reshape(-1, spec.in_features)
+        bad = ~(flat.abs() <= INPUT_LIMIT).all(-1)
+        y = torch.empty(len(flat), spec.out_features)
+        if not bool(bad.all()):
+            y[~bad] = self.matmul(spec, t, flat[~bad].contiguous(), path=path, cache=cache)
+        y[bad] = _reference_path(spec, t, flat[bad])
+        return y.reshape(*x.shape[:-1], spec.out_features)
 
     def release_workspace(self) -> None:
         """Free the scratch buffer the kernels keep between calls. It grows to the largest call: a few

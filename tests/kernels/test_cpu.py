@@ -159,6 +159,10 @@ def test_inputs_beyond_the_kernels_range_give_what_f_linear_gives(kern, value, m
             assert torch.equal(y.isinf() & (y < 0), expected.isinf() & (expected < 0)), (path, rows)
             finite = expected.isfinite()
             torch.testing.assert_close(y[finite], expected[finite], rtol=1e-5, atol=1e-4)
+        if isinstance(kern, cpu.CpuKernels) and rows > 2:  # the other rows as the kernel computes them alone
+            for path in ("gemv",) + (("amx",) if kern.has_amx else ()):
+                alone = kern.matmul(layer.spec, layer.tensors, x[1:-1].contiguous(), path=path)
+                assert torch.equal(outputs[path][1:-1], alone), path
     fallbacks = []  # within the limit the kernels compute, not the reference path
     monkeypatch.setattr(kernels, "reference_linear", lambda *args: fallbacks.append(1) or pytest.fail("fallback"))
     for rows in (1, 40):
