@@ -34,8 +34,8 @@ AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 # spqr_gemv and spqr_gemm_amx compute nothing and return this for an input beyond +-2^64, NaN or infinite, where
 # their arithmetic (zero points factored out, bf16 parts) would give NaN or overflow while F.linear would not; such
 # calls take the reference path (SPQR_INPUT_LIMIT in spqr_cpu.h)
-INPUT_OUT_OF_RANGE = 3  # and the limit of |x| (or NaN) past which the matrix-vector and AMX kernels return it
-INPUT_LIMIT = 2.0**64
+INPUT_OUT_OF_RANGE = 3
+INPUT_LIMIT = 2.0**64  # SPQR_INPUT_LIMIT
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
     # for the tests, what other machines and compilers build: the portable vector code (no AVX-512, AVX2 or ARM)
