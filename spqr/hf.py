@@ -621,8 +621,6 @@ def assign_dense_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {still_empty[:5]}")
 
 
-
-
 def load_quantized(path: str | Path, verify_checksum: bool = True, dtype: torch.dtype | str | None = None
                    ) -> nn.Module:
     """Build the transformers model of a checkpoint directory with SpQRLinear layers; eval mode, CPU.

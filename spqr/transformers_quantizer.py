@@ -61,7 +61,6 @@ class SpQRPackedQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
         self._specs: dict[str, LayerSpec] = {}
-        self._outliers: dict[str, int] = {}
         if not isinstance(self.quantization_config.modules, dict) or not self.quantization_config.modules:
             raise ValueError("the checkpoint's quantization_config has no 'modules' table")
         for name, entry in self.quantization_config.modules.items():
@@ -73,7 +72,6 @@ class SpQRPackedQuantizer(HfQuantizer):
                 raise ValueError(f"module {name}: the config does not record its outlier count; load the "
                                  "checkpoint with spqr.load_quantized(DIR) and save it again with spqr.save_quantized")
             self._specs[name] = spec
-            self._outliers[name] = outliers
             linear = model.get_submodule(name)
             bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
             placeholders = {key: torch.empty(shape if shape is not None else (outliers,), dtype=dtype, device="meta")
@@ -122,9 +120,10 @@ class SpQRPackedQuantizer(HfQuantizer):
                 raise ValueError(f"{name}: tensors {wrong} are stored as {[stored[k]['dtype'] for k in wrong]}, "
                                  f"expected {[SAFETENSORS_DTYPES[expected[k][1]] for k in wrong]}")
             # transformers refuses other shapes too, but with ignore_mismatched_sizes=True it would leave the
-            # placeholders uninitialized (a garbage model that passes every other check)
-            reshaped = [f"{key} {stored[key]['shape']} (config.json makes it {want})" for key, (shape, _) in
-                        expected.items() if stored[key]["shape"] != (want := list(shape or [self._outliers[name]]))]
+            # placeholders (shaped by the config.json entry) uninitialized: a garbage model passing every other check
+            placeholders = model.get_submodule(name).packed_tensors()
+            reshaped = [f"{key} {stored[key]['shape']} (config.json makes it {want})" for key in expected
+                        if stored[key]["shape"] != (want := list(placeholders[key].shape))]
             if reshaped:
                 raise ValueError(f"{name}: stored tensors of other shapes than its config.json entry describes: "
                                  f"{', '.join(reshaped)}")

@@ -32,10 +32,10 @@ SOURCES = [Path(__file__).with_name(name) for name in ("spqr_cpu.c", "spqr_amx.c
 HEADER = Path(__file__).with_name("spqr_cpu.h")
 AMX_MAX_ROWS = 512  # rows per call of the AMX kernel
 # spqr_gemv and spqr_gemm_amx compute nothing and return this for an input beyond +-2^64, NaN or infinite, where
-# their arithmetic (zero points factored out, bf16 parts) would give NaN or overflow while F.linear would not; such
-# calls take the reference path (SPQR_INPUT_LIMIT in spqr_cpu.h)
+# their arithmetic (zero points factored out, bf16 parts) would give NaN or overflow while F.linear would not; the
+# rows with such an input then take the reference path (CpuKernels._rows_apart)
 INPUT_OUT_OF_RANGE = 3
-INPUT_LIMIT = 2.0**64  # SPQR_INPUT_LIMIT
+INPUT_LIMIT = 2.0**64  # SPQR_INPUT_LIMIT in spqr_cpu.h
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"],
     # for the tests, what other machines and compilers build: the portable vector code (no AVX-512, AVX2 or ARM)

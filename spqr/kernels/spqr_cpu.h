@@ -51,7 +51,8 @@ void spqr_release_workspace(void); /* frees the scratch buffer kept between call
 /* The inputs the matrix-vector and AMX kernels take: the first factors the zero points out (scale * zero * sum of x
  * over a group), the second splits x into bf16 parts, and both would give inf - inf = NaN for an infinite input,
  * or overflow for a huge one, where F.linear gives inf or a finite value. A call with any |x| beyond 2^64 (or NaN)
- * computes nothing and returns SPQR_INPUT_OUT_OF_RANGE; cpu.py then takes the reference path. Within the limit the
+ * computes nothing and returns SPQR_INPUT_OUT_OF_RANGE; cpu.py then takes the reference path for the rows with
+ * such an input, and calls the kernel again for the others. Within the limit the
  * intermediates stay below fp32's 2^128 for any layer with scale * zero < 2^32 and K < 2^31 (2^64 * 2^32 * 2^31). */
 #define SPQR_INPUT_LIMIT 18446744073709551616.0f
 #define SPQR_INPUT_OUT_OF_RANGE 3
